@@ -1,0 +1,1 @@
+"""msa_kernels: MiniMax Sparse Attention operators (PyTorch reference + Hopper Triton kernels)."""
