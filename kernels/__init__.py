@@ -1,1 +1,280 @@
-"""msa_kernels: MiniMax Sparse Attention operators (PyTorch reference + Hopper Triton kernels)."""
+"""msa_kernels: MiniMax Sparse Attention operators (exact PyTorch reference + Hopper Triton kernels).
+
+Semantics: shared/docs/MSA_SPEC.md. Layout: packed varlen, fragments delimited by ``cu_seqlens``
+(int32 [F+1]); optional ``key_starts`` / ``key_lens`` (int32 [F]) place each fragment's queries at the
+END of a key sequence that starts at row ``key_starts[f]`` of k / v / k_idx (bottom-right causal
+alignment; context parallelism). See :mod:`msa_kernels.layout`. GQA: query head h belongs to group
+(KV head) ``h // G`` with ``G = Hq // Hkv``.
+
+Public ops
+----------
+select_blocks(q_idx [T,Hkv,Di], k_idx [Tk,Di], cu_seqlens, block_size=128, topk=16, *,
+              index_scale=None, key_starts=None, key_lens=None, force_sink=False, local_window=0)
+    -> int32 [Hkv, T, topk]
+sparse_attention(q [T,Hq,D], k [Tk,Hkv,D], v [Tk,Hkv,D], topk_idx, cu_seqlens, block_size=128, *,
+                 scale=None, key_starts=None, key_lens=None, deterministic=False)
+    -> (out [T,Hq,D] q.dtype, lse [T,Hq] fp32)
+indexer_kl(q, k, lse, q_idx, k_idx, topk_idx, cu_seqlens, block_size=128, *, scale=None,
+           index_scale=None, key_starts=None, key_lens=None, reduction="mean", deterministic=False)
+    -> fp32 scalar
+indexer_kl_dense(q, k, q_idx, k_idx, cu_seqlens, *, scale=None, index_scale=None, key_starts=None,
+                 key_lens=None, lse=None, reduction="mean", deterministic=False) -> fp32 scalar
+
+Backend dispatch
+----------------
+``MSA_KERNELS_BACKEND`` = ``auto`` (default) | ``reference`` | ``triton``.
+auto: CUDA tensors -> Triton; CPU tensors, Triton not installed, or a Triton module not written yet
+(one-time warning) -> the reference. ``triton`` forces Triton even on CPU tensors (for
+``TRITON_INTERPRET=1`` tests) and raises if it is unavailable. ``reference`` always runs the reference.
+
+Contract for the Triton modules (imported lazily; implement exactly these signatures)
+------------------------------------------------------------------------------------
+All tensors arrive already validated (shapes, devices, dtypes below), NOT necessarily contiguous:
+call ``.contiguous()`` where a kernel needs it. ``layout`` is a :class:`msa_kernels.layout.VarlenLayout`
+(device tensors q_starts/k_starts int64, q_lens/k_lens/pos_offsets int32, plus Python ints:
+total_q, total_k, max_q_len, max_k_len, max_blocks(block_size)). Scales arrive resolved as floats.
+
+msa_kernels.select.triton.select_blocks_triton(
+        q_idx, k_idx, layout, *, block_size: int, topk: int, index_scale: float,
+        force_sink: bool, local_window: int) -> torch.int32 [Hkv, T, topk]
+    Same selection as the reference: local block in the last valid slot, -1 padding at the end,
+    forced blocks (sink, window) before the ranked ones; the order of non-local slots may differ.
+msa_kernels.attention.triton_fwd.sparse_attention_triton(
+        q, k, v, topk_idx, layout, *, block_size: int, scale: float, deterministic: bool)
+        -> (out [T, Hq, D] in q.dtype, lse [T, Hq] float32)
+    A torch.autograd.Function wrapper (backward in triton_bwd) giving dq, dk, dv. Rows whose support
+    is empty (all -1) give out = 0 and lse = -inf, and zero gradients.
+msa_kernels.kl.triton.indexer_kl_triton(
+        q, k, lse, q_idx, k_idx, topk_idx, layout, *, block_size: int, scale: float,
+        index_scale: float, reduction: str, deterministic: bool) -> float32 scalar
+msa_kernels.kl.triton.indexer_kl_dense_triton(
+        q, k, q_idx, k_idx, layout, *, scale: float, index_scale: float, lse: Optional[Tensor],
+        reduction: str, deterministic: bool) -> float32 scalar
+    Both KL ops: autograd Functions returning gradients for q_idx and k_idx only (None for q, k, lse).
+    reduction "sum" = sum over (token, group) of KL(P || Q); "mean" = that sum / (T * Hkv).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from .layout import VarlenLayout, check_tensor, make_layout
+
+__all__ = [
+    "select_blocks", "sparse_attention", "indexer_kl", "indexer_kl_dense",
+    "VarlenLayout", "make_layout", "backend_for",
+]
+
+_BACKENDS = ("auto", "reference", "triton")
+_REDUCTIONS = ("mean", "sum")
+_warned: set = set()
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """'triton' or 'reference' for an op whose inputs live where ``t`` lives (see module docstring)."""
+    choice = os.environ.get("MSA_KERNELS_BACKEND", "auto").strip().lower() or "auto"
+    if choice not in _BACKENDS:
+        raise ValueError(f"MSA_KERNELS_BACKEND must be one of {_BACKENDS}, got {choice!r}")
+    if choice == "auto":
+        return "triton" if t.is_cuda and _triton_available() else "reference"
+    return choice
+
+
+def _load_triton(module: str, fn: str, *, forced: bool):
+    """Return the Triton entry point, or None (after a one-time warning) if it is not written yet."""
+    full = f"{__name__}.{module}"
+    try:
+        mod = importlib.import_module(full)
+    except ModuleNotFoundError as e:
+        # Only a missing kernel module falls back; a broken one (bad import inside) must stay loud.
+        if forced or e.name not in (full, "triton"):
+            raise
+        mod = None
+    impl = getattr(mod, fn, None) if mod is not None else None
+    if impl is None:
+        if forced:
+            raise ImportError(f"MSA_KERNELS_BACKEND=triton but {full}.{fn} does not exist")
+        if fn not in _warned:
+            _warned.add(fn)
+            warnings.warn(f"{full}.{fn} is not available; running the (slow) PyTorch reference on CUDA",
+                          RuntimeWarning, stacklevel=3)
+    return impl
+
+
+def _dispatch(anchor: torch.Tensor, module: str, fn: str):
+    backend = backend_for(anchor)
+    if backend == "reference":
+        return None
+    return _load_triton(module, fn, forced=os.environ.get("MSA_KERNELS_BACKEND", "").strip().lower() == "triton")
+
+
+def _scale(value: Optional[float], dim: int, name: str) -> float:
+    if value is None:
+        return dim ** -0.5
+    value = float(value)
+    if not 0.0 < value < float("inf"):
+        raise ValueError(f"{name} must be a positive finite float, got {value}")
+    return value
+
+
+def _check_block_size(block_size: int) -> int:
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    return block_size
+
+
+def _check_reduction(reduction: str) -> str:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def _layout(cu_seqlens, key_starts, key_lens, total_q: int, total_k: int, device) -> VarlenLayout:
+    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {device}")
+    return make_layout(cu_seqlens, key_starts, key_lens, total_keys=total_k, total_queries=total_q)
+
+
+def _check_main(q, k, name_q="q", name_k="k"):
+    check_tensor(q, name_q, (None, None, None))
+    t, hq, d = q.shape
+    check_tensor(k, name_k, (None, None, d), device=q.device)
+    hkv = k.shape[1]
+    if hkv < 1 or hq % hkv != 0:
+        raise ValueError(f"{name_q} heads ({hq}) must be a multiple of {name_k} heads ({hkv})")
+    return t, hq, hkv, d
+
+
+def _check_index(q_idx, k_idx, hkv: Optional[int], t: Optional[int], tk: Optional[int], device):
+    check_tensor(q_idx, "q_idx", (t, hkv, None), device=device)
+    check_tensor(k_idx, "k_idx", (tk, q_idx.shape[2]), device=device)
+    return q_idx.shape[2]
+
+
+def _check_topk(topk_idx, hkv: int, t: int, device):
+    check_tensor(topk_idx, "topk_idx", (hkv, t, None), floating=False, device=device)
+    if topk_idx.dtype != torch.int32:
+        raise TypeError(f"topk_idx must have dtype torch.int32, got {topk_idx.dtype}")
+
+
+def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, cu_seqlens: torch.Tensor,
+                  block_size: int = 128, topk: int = 16, *, index_scale: Optional[float] = None,
+                  key_starts: Optional[torch.Tensor] = None, key_lens: Optional[torch.Tensor] = None,
+                  force_sink: bool = False, local_window: int = 0) -> torch.Tensor:
+    """Per-token top-k key blocks of each index group -> int32 [Hkv, T, topk], -1 padded.
+
+    Block score = max over the block's visible keys (j <= i) of <q_idx[i,r], k_idx[j]> * index_scale.
+    The local block (position // block_size) is always selected, counts toward ``topk`` and sits in
+    the last valid slot; valid count = min(topk, visible blocks). Ablation C.2 of the paper:
+    ``force_sink`` also forces block 0 and ``local_window = w`` forces the w blocks before the local
+    one; forced blocks count toward ``topk`` (when they exceed it, the sink wins, then the nearest
+    window blocks) and come first; the remaining slots rank the other visible blocks by score
+    (descending; ties -> lower block id).
+    """
+    check_tensor(q_idx, "q_idx", (None, None, None))
+    t, hkv, di = q_idx.shape
+    check_tensor(k_idx, "k_idx", (None, di), device=q_idx.device)
+    block_size = _check_block_size(block_size)
+    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+        raise ValueError(f"topk must be a positive int, got {topk!r}")
+    if not isinstance(local_window, int) or isinstance(local_window, bool) or local_window < 0:
+        raise ValueError(f"local_window must be an int >= 0, got {local_window!r}")
+    index_scale = _scale(index_scale, di, "index_scale")
+    layout = _layout(cu_seqlens, key_starts, key_lens, t, k_idx.shape[0], q_idx.device)
+    opts = dict(block_size=block_size, topk=topk, index_scale=index_scale,
+                force_sink=bool(force_sink), local_window=local_window)
+    impl = _dispatch(q_idx, "select.triton", "select_blocks_triton")
+    if impl is None:
+        from .select.naive import select_blocks_ref
+        impl = select_blocks_ref
+    return impl(q_idx, k_idx, layout, **opts)
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk_idx: torch.Tensor,
+                     cu_seqlens: torch.Tensor, block_size: int = 128, *, scale: Optional[float] = None,
+                     key_starts: Optional[torch.Tensor] = None, key_lens: Optional[torch.Tensor] = None,
+                     deterministic: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention of every head of group r over the tokens j <= i of its selected blocks.
+
+    Returns (out [T, Hq, D] in q.dtype, lse [T, Hq] float32, natural log); autograd for q, k, v
+    (the reference also back-propagates a gradient on lse). Ids of -1 are ignored; a row with no
+    valid id gives out = 0, lse = -inf.
+    """
+    t, hq, hkv, d = _check_main(q, k)
+    check_tensor(v, "v", tuple(k.shape), device=q.device)
+    _check_topk(topk_idx, hkv, t, q.device)
+    block_size = _check_block_size(block_size)
+    scale = _scale(scale, d, "scale")
+    layout = _layout(cu_seqlens, key_starts, key_lens, t, k.shape[0], q.device)
+    impl = _dispatch(q, "attention.triton_fwd", "sparse_attention_triton")
+    if impl is None:
+        from .attention.naive import sparse_attention_ref
+        impl = sparse_attention_ref
+    return impl(q, k, v, topk_idx, layout, block_size=block_size, scale=scale,
+                deterministic=bool(deterministic))
+
+
+def indexer_kl(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, q_idx: torch.Tensor,
+               k_idx: torch.Tensor, topk_idx: torch.Tensor, cu_seqlens: torch.Tensor,
+               block_size: int = 128, *, scale: Optional[float] = None,
+               index_scale: Optional[float] = None, key_starts: Optional[torch.Tensor] = None,
+               key_lens: Optional[torch.Tensor] = None, reduction: str = "mean",
+               deterministic: bool = False) -> torch.Tensor:
+    """KL(P || Q) on the selected support S(i, r), reduced over (token, group).
+
+    Teacher P = mean over the G heads of group r of exp(q.k * scale - lse) on S(i, r) (detached);
+    student Q = softmax over S(i, r) of q_idx.k_idx * index_scale. Gradients reach q_idx and k_idx
+    only. reduction="mean" divides the sum by T * Hkv (T = query rows of this call); use "sum" to
+    build a global mean across context-parallel ranks.
+    """
+    t, hq, hkv, d = _check_main(q, k)
+    check_tensor(lse, "lse", (t, hq), device=q.device)
+    _check_index(q_idx, k_idx, hkv, t, k.shape[0], q.device)
+    _check_topk(topk_idx, hkv, t, q.device)
+    block_size = _check_block_size(block_size)
+    opts = dict(block_size=block_size, scale=_scale(scale, d, "scale"),
+                index_scale=_scale(index_scale, q_idx.shape[2], "index_scale"),
+                reduction=_check_reduction(reduction), deterministic=bool(deterministic))
+    layout = _layout(cu_seqlens, key_starts, key_lens, t, k.shape[0], q.device)
+    impl = _dispatch(q, "kl.triton", "indexer_kl_triton")
+    if impl is None:
+        from .kl.naive import indexer_kl_ref
+        impl = indexer_kl_ref
+    return impl(q, k, lse, q_idx, k_idx, topk_idx, layout, **opts)
+
+
+def indexer_kl_dense(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
+                     cu_seqlens: torch.Tensor, *, scale: Optional[float] = None,
+                     index_scale: Optional[float] = None, key_starts: Optional[torch.Tensor] = None,
+                     key_lens: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+                     reduction: str = "mean", deterministic: bool = False) -> torch.Tensor:
+    """Warmup-stage KL: like :func:`indexer_kl` with support = every visible key j <= i.
+
+    The teacher is full causal attention; ``lse`` [T, Hq] fp32 of that attention may be passed
+    (e.g. from the dense main branch), else it is computed. Memory stays O(T x chunk).
+    """
+    t, hq, hkv, d = _check_main(q, k)
+    if lse is not None:
+        check_tensor(lse, "lse", (t, hq), device=q.device)
+    _check_index(q_idx, k_idx, hkv, t, k.shape[0], q.device)
+    opts = dict(scale=_scale(scale, d, "scale"),
+                index_scale=_scale(index_scale, q_idx.shape[2], "index_scale"),
+                lse=lse, reduction=_check_reduction(reduction), deterministic=bool(deterministic))
+    layout = _layout(cu_seqlens, key_starts, key_lens, t, k.shape[0], q.device)
+    impl = _dispatch(q, "kl.triton", "indexer_kl_dense_triton")
+    if impl is None:
+        from .kl.naive import indexer_kl_dense_ref
+        impl = indexer_kl_dense_ref
+    return impl(q, k, q_idx, k_idx, layout, **opts)
