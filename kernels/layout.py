@@ -22,7 +22,12 @@ from typing import Iterator, NamedTuple, Optional, Tuple
 
 import torch
 
-__all__ = ["Fragment", "VarlenLayout", "make_layout", "check_tensor"]
+__all__ = ["Fragment", "VarlenLayout", "make_layout", "check_tensor", "query_chunks"]
+
+# fp32 elements of the largest per-chunk score matrix the reference builds ([heads, chunk, key_len]):
+# 16 MiB keeps long-context CPU runs O(T x chunk) while tiny inputs run in one chunk. Tests lower it
+# to exercise the chunk loop.
+REFERENCE_CHUNK_ELEMENTS = 1 << 22
 
 
 class Fragment(NamedTuple):
@@ -198,3 +203,10 @@ def check_tensor(t: torch.Tensor, name: str, shape: Tuple[Optional[int], ...], *
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+
+
+def query_chunks(frag: Fragment, elems_per_query: int) -> Iterator[Tuple[int, int]]:
+    """Yield [a, b) query ranges (local to ``frag``) whose score matrices fit the chunk budget."""
+    step = max(1, REFERENCE_CHUNK_ELEMENTS // max(1, elems_per_query))
+    for a in range(0, frag.q_len, step):
+        yield a, min(frag.q_len, a + step)
