@@ -1,0 +1,179 @@
+"""Sparse attention backward (Triton); the autograd entry lives in triton_fwd.py.
+
+Backward plan:
+1. delta = rowsum(dO * O) - dLSE per (token, head), fp32 (dLSE lets the lse output carry gradients).
+2. KV-outer pass: a program owns BLOCK_N key rows of one selected block for one KV group, and the
+   queries that picked the block (reverse CSR from ``triton_common.build_kv_units``). It recomputes
+   P from the stored LSE, keeps dK/dV in registers over all its queries and adds them once into fp32
+   buffers. dQ is scattered with fp32 atomics (fast, order-nondeterministic).
+3. Deterministic mode: one unit per (group, block) (so every dK/dV element gets a single add onto
+   zero) and dQ from a separate Q-outer pass over the forward's union schedule (no atomics).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import LOG2E, BwdConfig, FwdConfig, QTileSchedule, build_kv_units, check_shapes, next_pow2
+
+__all__ = ["sparse_attention_bwd"]
+
+
+@triton.jit
+def _delta_kernel(O, DO, DLSE, DELTA, ROWS, HAS_DLSE: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < ROWS
+    d = tl.arange(0, D)
+    off = rows.to(tl.int64)[:, None] * D + d[None, :]
+    o = tl.load(O + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + rows, mask=ok, other=0.0)
+    tl.store(DELTA + rows, delta, mask=ok)
+
+
+@triton.jit
+def _sparse_bwd_kv_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ32, DK32, DV32,  # DQ32 [T, HQ, D], DK32/DV32 [Tk, HKV, D] fp32
+    TOKENS, UNIT_GROUP, UNIT_ROW, UNIT_BEGIN, UNIT_END, QK_ROW,
+    TK, sm_scale, qk_scale,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+    TM: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_DQ: tl.constexpr,
+):
+    unit = tl.program_id(0)
+    sub = tl.program_id(1)
+    M: tl.constexpr = TM * GP
+    r = tl.load(UNIT_GROUP + unit)
+    k_row = tl.load(UNIT_ROW + unit) + sub * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    begin = tl.load(UNIT_BEGIN + unit)
+    end = tl.load(UNIT_END + unit)
+    d = tl.arange(0, D)
+    k_ok = k_row < TK
+    kv_off = (k_row.to(tl.int64) * HKV + r) * D
+    k = tl.load(K + kv_off[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)  # [BLOCK_N, D]
+    v = tl.load(V + kv_off[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    rows = tl.arange(0, M)
+    tm = rows // GP
+    g = rows % GP
+    head = r * G + g
+    for start in range(begin, end, TM):
+        idx = start + tm
+        row_ok = (idx < end) & (g < G)
+        tok = tl.load(TOKENS + idx, mask=row_ok, other=0)
+        qk_row = tl.load(QK_ROW + tok, mask=row_ok, other=-1)
+        q_off = (tok.to(tl.int64) * HQ + head) * D  # [M]
+        q = tl.load(Q + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)  # [M, D]
+        do = tl.load(DO + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+        lse_off = tok.to(tl.int64) * HQ + head
+        lse = tl.load(LSE + lse_off, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [M, BLOCK_N], log2 units
+        visible = row_ok[:, None] & (k_row[None, :] <= qk_row[:, None])
+        p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))  # [M, BLOCK_N]
+        ds = p * (dp - delta[:, None])
+        ds_lp = ds.to(q.dtype)
+        dk += tl.dot(tl.trans(ds_lp), q)
+        if WRITE_DQ:
+            dq = tl.dot(ds_lp, k) * sm_scale  # [M, D]
+            tl.atomic_add(DQ32 + q_off[:, None] + d[None, :], dq, mask=row_ok[:, None], sem="relaxed")
+    tl.atomic_add(DK32 + kv_off[:, None] + d[None, :], dk * sm_scale, mask=k_ok[:, None], sem="relaxed")
+    tl.atomic_add(DV32 + kv_off[:, None] + d[None, :], dv, mask=k_ok[:, None], sem="relaxed")
+
+
+@triton.jit
+def _sparse_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    TILE_BLOCKS, TILE_MASKS, TILE_COUNTS, QK_ROW,
+    T, TK, NUM_TILES, STRIDE, sm_scale, qk_scale,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+    TM: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Deterministic dQ: Q-outer over the forward's union schedule, no atomics."""
+    tile = tl.program_id(0)
+    r = tl.program_id(1)
+    M: tl.constexpr = TM * GP
+    NSUB: tl.constexpr = BLOCK_KV // BLOCK_N
+    rows = tl.arange(0, M)
+    tm = rows // GP
+    g = rows % GP
+    tok = tile * TM + tm
+    row_ok = (tok < T) & (g < G)
+    head = r * G + g
+    qk_row = tl.load(QK_ROW + tok, mask=row_ok, other=-1)
+    d = tl.arange(0, D)
+    q_off = (tok.to(tl.int64) * HQ + head) * D
+    q = tl.load(Q + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    lse_off = tok.to(tl.int64) * HQ + head
+    lse = tl.load(LSE + lse_off, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
+    dq = tl.zeros([M, D], dtype=tl.float32)
+    sched = (r * NUM_TILES + tile).to(tl.int64)
+    n_union = tl.load(TILE_COUNTS + sched)
+    sched_off = sched * STRIDE
+    n_cols = tl.arange(0, BLOCK_N)
+    for it in range(0, n_union * NSUB):
+        u = it // NSUB
+        sub = it % NSUB
+        blk_row = tl.load(TILE_BLOCKS + sched_off + u)
+        bits = tl.load(TILE_MASKS + sched_off + u)
+        picked = ((bits >> tm.to(tl.int64)) & 1) != 0
+        k_row = blk_row + sub * BLOCK_N + n_cols
+        kv_off = (k_row.to(tl.int64) * HKV + r) * D
+        k_ok = k_row < TK
+        k = tl.load(K + kv_off[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(V + kv_off[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        visible = (picked & row_ok)[:, None] & (k_row[None, :] <= qk_row[:, None])
+        p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + q_off[:, None] + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+def sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, tiles: QTileSchedule, blk_rows: torch.Tensor,
+                         qk_rows: torch.Tensor, block_size: int, scale: float, deterministic: bool,
+                         fcfg: FwdConfig, bcfg: BwdConfig):
+    """Gradients (dq, dk, dv) in the input dtype."""
+    t, hq, hkv, dim, group = check_shapes(q, k, v, block_size)
+    tk = k.shape[0]
+    d_out = d_out.contiguous()
+    delta = torch.empty((t, hq), dtype=torch.float32, device=q.device)
+    rows = t * hq
+    if rows:
+        block_r = 64
+        _delta_kernel[(triton.cdiv(rows, block_r),)](
+            out, d_out, d_lse if d_lse is not None else delta, delta, rows,
+            HAS_DLSE=d_lse is not None, D=dim, BLOCK_R=block_r)
+    gp = next_pow2(group)
+    block_n = min(bcfg.block_n, block_size)
+    units = build_kv_units(blk_rows, 0 if deterministic else bcfg.chunk)
+    dk32 = torch.zeros((tk, hkv, dim), dtype=torch.float32, device=q.device)
+    dv32 = torch.zeros_like(dk32)
+    dq32 = None if deterministic else torch.zeros((t, hq, dim), dtype=torch.float32, device=q.device)
+    if units.num_units:
+        _sparse_bwd_kv_kernel[(units.num_units, block_size // block_n)](
+            q, k, v, d_out, lse, delta, dq32 if dq32 is not None else dk32, dk32, dv32,
+            units.tokens, units.unit_group, units.unit_block_row, units.unit_begin, units.unit_end, qk_rows,
+            tk, scale, scale * LOG2E,
+            HQ=hq, HKV=hkv, G=group, GP=gp, D=dim, TM=bcfg.tokens_per_step(group), BLOCK_N=block_n,
+            WRITE_DQ=not deterministic, num_warps=bcfg.num_warps, num_stages=bcfg.num_stages)
+    if deterministic:
+        dq = torch.empty_like(q)
+        if t:
+            _sparse_bwd_dq_kernel[(tiles.num_tiles, hkv)](
+                q, k, v, d_out, lse, delta, dq,
+                tiles.block_rows, tiles.token_masks, tiles.counts, qk_rows,
+                t, tk, tiles.num_tiles, tiles.stride, scale, scale * LOG2E,
+                HQ=hq, HKV=hkv, G=group, GP=gp, D=dim, TM=tiles.tokens_per_tile, BLOCK_KV=block_size,
+                BLOCK_N=min(fcfg.block_n, block_size), num_warps=fcfg.num_warps, num_stages=fcfg.num_stages)
+    else:
+        dq = dq32.to(q.dtype)
+    return dq, dk32.to(k.dtype), dv32.to(v.dtype)

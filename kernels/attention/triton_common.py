@@ -1,0 +1,269 @@
+"""Index preprocessing shared by the sparse-attention Triton kernels.
+
+Everything here is plain PyTorch on the inputs' device (GPU sorts and scans, no Python loop over
+tokens). It turns the per-token block ids of ``topk_idx`` into the two schedules the kernels run:
+
+* Q tiles (forward and the deterministic dQ pass): ``TM`` consecutive query rows x the G heads of a
+  KV group form one MMA tile; the tile loops over the UNION of its tokens' selected blocks, and a
+  per-(tile, block) bitmask says which of the TM tokens picked the block.
+* KV units (KV-outer backward): a reverse block -> query CSR (entries sorted by (group, block), then
+  token), cut into chunks of at most ``chunk`` queries so a block picked by every query (block 0,
+  document starts) does not become one serial tail.
+
+Blocks are identified by the ABSOLUTE key row of their first token (``k_start`` of the token's key
+sequence + block id * block_size): this single number works for packed sequences and for the
+context-parallel layout (several query fragments sharing one key sequence) alike, and lets the
+kernels apply the causal rule as ``key_row <= qk_row`` with ``qk_row`` the key row of the query's own
+position.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..layout import VarlenLayout
+
+__all__ = ["QTileSchedule", "KVUnitSchedule", "query_key_rows", "block_key_rows",
+           "build_q_tiles", "build_kv_units", "next_pow2",
+           "LOG2E", "FwdConfig", "fwd_config", "BwdConfig", "bwd_config", "check_shapes", "default_scale",
+           "interpreting"]
+
+LOG2E = 1.4426950408889634
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def query_key_rows(layout: VarlenLayout) -> torch.Tensor:
+    """int32 [T]: row of k / v holding each query's own position (the last key it may see)."""
+    frag = layout.token_fragment().to(torch.int64)
+    rows = layout.k_starts[frag] + layout.token_positions()
+    return rows.to(torch.int32)
+
+
+def block_key_rows(topk_idx: torch.Tensor, layout: VarlenLayout, block_size: int) -> torch.Tensor:
+    """int64 [Hkv, T, K]: absolute key row of each selected block's first token; -1 where unused."""
+    frag = layout.token_fragment().to(torch.int64)
+    k_start = layout.k_starts[frag]  # [T]
+    ids = topk_idx.to(torch.int64)
+    rows = k_start[None, :, None] + ids * block_size
+    return torch.where(ids >= 0, rows, torch.full_like(rows, -1))
+
+
+@dataclass
+class QTileSchedule:
+    """Union of selected blocks per (KV group, tile of TM consecutive query rows)."""
+
+    tokens_per_tile: int
+    num_tiles: int
+    stride: int  # slots per (group, tile) = TM * K
+    block_rows: torch.Tensor  # int32 [Hkv, num_tiles, stride] first key row of each union block, ascending
+    token_masks: torch.Tensor  # int64 [Hkv, num_tiles, stride] bit tm set if token tm of the tile picked it
+    counts: torch.Tensor  # int32 [Hkv, num_tiles] union size
+
+
+def build_q_tiles(blk_rows: torch.Tensor, tokens_per_tile: int) -> QTileSchedule:
+    """Union of the tokens' blocks per Q tile. blk_rows: int64 [Hkv, T, K] from block_key_rows."""
+    hkv, t, k = blk_rows.shape
+    tm = int(tokens_per_tile)
+    if not 1 <= tm <= 32:
+        raise ValueError(f"tokens_per_tile must be in [1, 32] (one bit per token in a mask), got {tm}")
+    num_tiles = -(-t // tm)
+    pad = num_tiles * tm - t
+    rows = blk_rows
+    if pad:
+        rows = torch.cat([rows, rows.new_full((hkv, pad, k), -1)], dim=1)
+    stride = tm * k
+    # [Hkv, tiles, TM, K] -> one key per (block, token): sorting groups a block's tokens together and
+    # puts a token's duplicate picks side by side (they count once, as in the reference).
+    tok = torch.arange(tm, device=rows.device, dtype=torch.int64).view(1, 1, tm, 1)
+    rows = rows.view(hkv, num_tiles, tm, k)
+    sentinel = torch.iinfo(torch.int64).max
+    key = torch.where(rows >= 0, rows * tm + tok, torch.full_like(rows, sentinel)).view(hkv, num_tiles, stride)
+    key, _ = torch.sort(key, dim=-1)
+    valid = key != sentinel
+    blk = torch.where(valid, key // tm, torch.full_like(key, -1))
+    bit_pos = torch.where(valid, key % tm, torch.zeros_like(key))
+    prev_key = torch.nn.functional.pad(key, (1, 0), value=-1)[..., :-1]
+    prev_blk = torch.nn.functional.pad(blk, (1, 0), value=-1)[..., :-1]
+    new_pair = valid & (key != prev_key)
+    new_blk = valid & (blk != prev_blk)
+    slot = torch.cumsum(new_blk.to(torch.int64), dim=-1) - 1  # union slot of every entry
+    trash = stride  # invalid entries land in one extra column that is cut off below
+    slot = torch.where(valid, slot, torch.full_like(slot, trash))
+    bits = torch.where(new_pair, torch.ones_like(key) << bit_pos, torch.zeros_like(key))
+    masks = torch.zeros((hkv, num_tiles, stride + 1), dtype=torch.int64, device=key.device)
+    masks.scatter_add_(-1, slot, bits)  # distinct tokens -> distinct bits, so the sum is an OR
+    starts = torch.full((hkv, num_tiles, stride + 1), -1, dtype=torch.int64, device=key.device)
+    starts.scatter_(-1, torch.where(new_blk, slot, torch.full_like(slot, trash)), blk)
+    counts = new_blk.sum(dim=-1, dtype=torch.int32)
+    return QTileSchedule(
+        tokens_per_tile=tm, num_tiles=num_tiles, stride=stride,
+        block_rows=starts[..., :stride].to(torch.int32).contiguous(),
+        token_masks=masks[..., :stride].contiguous(),
+        counts=counts.contiguous())
+
+
+@dataclass
+class KVUnitSchedule:
+    """Reverse block -> query index, cut into work units of at most ``chunk`` queries."""
+
+    num_units: int
+    tokens: torch.Tensor  # int32 [E] query rows, grouped by (group, block), ascending inside a group
+    unit_group: torch.Tensor  # int32 [U] KV head r
+    unit_block_row: torch.Tensor  # int32 [U] first key row of the unit's block
+    unit_begin: torch.Tensor  # int32 [U] range of ``tokens`` owned by the unit
+    unit_end: torch.Tensor  # int32 [U]
+
+
+def build_kv_units(blk_rows: torch.Tensor, chunk: int) -> KVUnitSchedule:
+    """Counting-sort the (group, block, token) picks by (group, block) and cut them into units.
+
+    chunk: most queries per unit; 0 means one unit per (group, block) (deterministic dK/dV: every
+    key row then receives exactly one contribution).
+    """
+    hkv, t, k = blk_rows.shape
+    dev = blk_rows.device
+    flat = blk_rows.reshape(-1)
+    picked = torch.nonzero(flat >= 0).squeeze(1)  # [E0] entry ids in (r, t, slot) order
+    row = flat[picked]
+    group = picked // (t * k)
+    tok = (picked // k) % t
+    num_rows = int(blk_rows.max().item()) + 1 if picked.numel() else 1
+    seg = group * num_rows + row
+    # Stable: inside a segment the entries keep (t, slot) order, so tokens stay ascending and a
+    # token's duplicate picks of one block end up adjacent.
+    seg, order = torch.sort(seg, stable=True)
+    tok = tok[order]
+    keep = torch.ones_like(seg, dtype=torch.bool)
+    if seg.numel() > 1:
+        keep[1:] = (seg[1:] != seg[:-1]) | (tok[1:] != tok[:-1])
+    seg, tok = seg[keep], tok[keep]
+    seg_ids, counts = torch.unique_consecutive(seg, return_counts=True)
+    seg_start = torch.cumsum(counts, 0) - counts
+    if chunk <= 0:
+        chunks = torch.ones_like(counts)
+        size = counts
+    else:
+        chunks = torch.div(counts + chunk - 1, chunk, rounding_mode="floor")
+        size = torch.full_like(counts, chunk)
+    num_units = int(chunks.sum().item()) if chunks.numel() else 0
+    unit_seg = torch.repeat_interleave(torch.arange(seg_ids.numel(), device=dev), chunks, output_size=num_units)
+    first_unit = torch.cumsum(chunks, 0) - chunks
+    j = torch.arange(num_units, device=dev) - first_unit[unit_seg]
+    begin = seg_start[unit_seg] + j * size[unit_seg]
+    end = torch.minimum(begin + size[unit_seg], seg_start[unit_seg] + counts[unit_seg])
+    sid = seg_ids[unit_seg]
+    return KVUnitSchedule(
+        num_units=num_units,
+        tokens=tok.to(torch.int32).contiguous(),
+        unit_group=(sid // num_rows).to(torch.int32).contiguous(),
+        unit_block_row=(sid % num_rows).to(torch.int32).contiguous(),
+        unit_begin=begin.to(torch.int32).contiguous(),
+        unit_end=end.to(torch.int32).contiguous())
+
+
+class FwdConfig:
+    """Tile shape of the forward / Q-outer kernels: rows = tokens_per_tile x padded group size."""
+
+    def __init__(self, block_m: int, block_n: int, num_warps: int, num_stages: int):
+        self.block_m, self.block_n, self.num_warps, self.num_stages = block_m, block_n, num_warps, num_stages
+
+    def tokens_per_tile(self, group: int) -> int:
+        return max(1, min(32, self.block_m // next_pow2(group)))
+
+    def __repr__(self) -> str:
+        return (f"FwdConfig(block_m={self.block_m}, block_n={self.block_n}, "
+                f"num_warps={self.num_warps}, num_stages={self.num_stages})")
+
+
+def fwd_config(head_dim: int, group: int, block_size: int, interpret: bool = False) -> FwdConfig:
+    """Default tile shape. M = 128 rows (e.g. 8 tokens x 16 heads) keeps the union of 8-16 neighbouring
+    tokens small under local / shared selection patterns while filling a Hopper wgmma tile."""
+    block_n = min(block_size, 64 if head_dim > 64 else 128)
+    if interpret:
+        return FwdConfig(block_m=max(16, next_pow2(group)), block_n=min(block_size, 32), num_warps=4, num_stages=1)
+    return FwdConfig(block_m=max(128, next_pow2(group)), block_n=block_n, num_warps=8, num_stages=2)
+
+
+def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> tuple:
+    """Validate the kernel-specific limits and return (T, Hq, Hkv, D, G)."""
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"q, k, v must be [T, H, D]; got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    t, hq, dim = q.shape
+    tk, hkv, dk = k.shape
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {list(k.shape)}, got {list(v.shape)}")
+    if dk != dim:
+        raise ValueError(f"k head dim {dk} must equal q head dim {dim}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv})")
+    if dim not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head dim must be one of 16, 32, 64, 128, 256 for the Triton kernels, got {dim}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16 for the Triton kernels, got {block_size}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    return t, hq, hkv, dim, hq // hkv
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+class BwdConfig:
+    """Tile shape of the KV-outer pass: BLOCK_N key rows x (tokens x padded group) query rows."""
+
+    def __init__(self, block_m: int, block_n: int, num_warps: int, num_stages: int, chunk: int):
+        self.block_m, self.block_n = block_m, block_n
+        self.num_warps, self.num_stages, self.chunk = num_warps, num_stages, chunk
+
+    def tokens_per_step(self, group: int) -> int:
+        return max(1, self.block_m // next_pow2(group))
+
+    def __repr__(self) -> str:
+        return (f"BwdConfig(block_m={self.block_m}, block_n={self.block_n}, num_warps={self.num_warps}, "
+                f"num_stages={self.num_stages}, chunk={self.chunk})")
+
+
+def bwd_config(head_dim: int, group: int, block_size: int, interpret: bool = False) -> BwdConfig:
+    """Default KV-outer tile. dK and dV stay in registers (2 x BLOCK_N x D fp32), so BLOCK_N = 64 for
+    D = 128; chunk = 512 queries per unit bounds the tail of blocks picked by every query."""
+    if interpret:
+        return BwdConfig(block_m=max(16, next_pow2(group)), block_n=min(block_size, 32), num_warps=4,
+                         num_stages=1, chunk=8)
+    return BwdConfig(block_m=max(64, next_pow2(group)), block_n=min(block_size, 64), num_warps=4,
+                     num_stages=2, chunk=512)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def ensure_interpreter_compat() -> None:
+    """Let TRITON_INTERPRET=1 run loops whose bounds are loaded scalars under NumPy >= 2.4.
+
+    The Triton 3.6 interpreter keeps scalars as 1-element arrays and converts them with int(array),
+    which NumPy 2.4 rejects. Same patch (and flag) as msa_kernels.select.triton, so applying both is
+    harmless; the compiled GPU path is unaffected.
+    """
+    if not interpreting():
+        return
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_msa_index_patched", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+    interpreter._msa_index_patched = True
