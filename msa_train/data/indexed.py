@@ -1,0 +1,124 @@
+"""Writing and checking Megatron indexed datasets (<prefix>.bin + <prefix>.idx).
+
+One document = one sequence in the index (Megatron's GPTDataset splits by sequence), token ids of
+the text followed by one EOD. Files are written under temporary names and renamed into place, the
+.idx last, so a reader never sees a half-written dataset under the final prefix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+
+from msa_train.data.config import DataConfigError
+
+
+def bin_path(prefix: str) -> str:
+    return prefix + ".bin"
+
+
+def idx_path(prefix: str) -> str:
+    return prefix + ".idx"
+
+
+def prefix_exists(prefix: str) -> bool:
+    return os.path.isfile(bin_path(prefix)) and os.path.isfile(idx_path(prefix))
+
+
+def check_prefix_exists(prefix: str, field_name: str) -> None:
+    """Raise DataConfigError naming `field_name` when <prefix>.bin/.idx are missing."""
+    if prefix_exists(prefix):
+        return
+    hint = ""
+    if prefix.endswith((".bin", ".idx")):
+        hint = f" (give the prefix without the extension: {prefix[:-4]!r})"
+    missing = [p for p in (bin_path(prefix), idx_path(prefix)) if not os.path.isfile(p)]
+    raise DataConfigError(
+        f"{field_name}={prefix!r}: indexed dataset not found, missing {missing}{hint}; "
+        f"create it with `python tools/prepare_data.py --input ... --output-prefix {prefix}`")
+
+
+@dataclass
+class WriteSummary:
+    documents: int = 0
+    tokens: int = 0
+    input_bytes: int = 0
+    skipped_empty: int = 0
+    output_bytes: int = 0
+
+    def line(self) -> str:
+        return (f"{self.documents:,} documents, {self.tokens:,} tokens (EOD included), "
+                f"{self.input_bytes / 1e6:,.2f} MB of text in, {self.output_bytes / 1e6:,.2f} MB "
+                f"written, {self.skipped_empty:,} empty documents skipped")
+
+
+class IndexedWriter:
+    """Streams documents into <prefix>.bin/.idx via Megatron's IndexedDatasetBuilder.
+
+    Usage: with IndexedWriter(prefix, vocab_size, eod) as w: w.add(ids, n_input_bytes)
+    On an exception the temporary files are removed and nothing appears under `prefix`.
+    """
+
+    def __init__(self, prefix: str, vocab_size: int, eod: int) -> None:
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+        self.prefix = prefix
+        self.eod = eod
+        self.dtype = DType.optimal_dtype(vocab_size)
+        parent = os.path.dirname(os.path.abspath(prefix))
+        os.makedirs(parent, exist_ok=True)
+        self._tmp = f"{prefix}.tmp-{os.getpid()}"
+        self._builder = IndexedDatasetBuilder(bin_path(self._tmp), dtype=self.dtype)
+        self.summary = WriteSummary()
+        self._done = False
+
+    def add(self, ids: Union[Sequence[int], np.ndarray], input_bytes: int = 0) -> None:
+        """Append one document; `ids` must not contain the EOD (it is appended here)."""
+        self.summary.input_bytes += input_bytes
+        n = len(ids)
+        if n == 0:
+            self.summary.skipped_empty += 1
+            return
+        doc = np.empty(n + 1, dtype=self.dtype)  # [n + 1]
+        doc[:n] = ids
+        doc[n] = self.eod
+        self._builder.add_document(doc, [n + 1])
+        self.summary.documents += 1
+        self.summary.tokens += n + 1
+
+    def __enter__(self) -> "IndexedWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._done:
+            self.finalize()
+
+    def abort(self) -> None:
+        """Drop the temporary files; nothing is left under the prefix."""
+        self._done = True
+        self._builder.data_file.close()
+        for path in (bin_path(self._tmp), idx_path(self._tmp)):
+            if os.path.exists(path):
+                os.remove(path)
+
+    def finalize(self) -> WriteSummary:
+        if self._done:
+            raise RuntimeError(f"IndexedWriter({self.prefix!r}) was already finalized or aborted")
+        if self.summary.documents == 0:
+            self.abort()
+            raise DataConfigError(
+                f"no non-empty documents to write to {self.prefix!r} "
+                f"({self.summary.skipped_empty} empty ones skipped): check the input paths, "
+                f"file pattern or json key")
+        self._done = True
+        self._builder.finalize(idx_path(self._tmp))
+        os.replace(bin_path(self._tmp), bin_path(self.prefix))
+        os.replace(idx_path(self._tmp), idx_path(self.prefix))
+        self.summary.output_bytes = (os.path.getsize(bin_path(self.prefix))
+                                     + os.path.getsize(idx_path(self.prefix)))
+        return self.summary
