@@ -79,8 +79,9 @@ class _SparseAttentionRef(torch.autograd.Function):
         t, hq, d = q.shape
         hkv = k.shape[1]
         g = hq // hkv
-        out = torch.zeros(t, hq, v.shape[-1], dtype=q.dtype, device=q.device)
-        lse = torch.full((t, hq), _NEG_INF, dtype=torch.float32, device=q.device)
+        # empty, not zeros: every row belongs to a fragment, and the NaN-poisoning tests prove it.
+        out = torch.empty(t, hq, v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.empty(t, hq, dtype=torch.float32, device=q.device)
         for _, rows, keys, pos in iter_chunks(layout, hq):
             qc = q[rows].float().view(-1, hkv, g, d)  # [c, Hkv, G, D]
             mask = support_mask(topk_idx[:, rows], pos, keys.stop - keys.start, block_size)
@@ -100,7 +101,7 @@ class _SparseAttentionRef(torch.autograd.Function):
         t, hq, d = q.shape
         hkv = k.shape[1]
         g = hq // hkv
-        dq = torch.zeros(t, hq, d, dtype=torch.float32, device=q.device)
+        dq = torch.empty(t, hq, d, dtype=torch.float32, device=q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         for _, rows, keys, pos in iter_chunks(layout, hq):

@@ -76,7 +76,7 @@ def select_blocks_ref(q_idx: torch.Tensor, k_idx: torch.Tensor, layout: VarlenLa
                       local_window: int = 0) -> torch.Tensor:
     """Reference select_blocks: q_idx [T, Hkv, Di], k_idx [Tk, Di] -> int32 [Hkv, T, topk]."""
     t, hkv, _ = q_idx.shape
-    out = torch.full((hkv, t, topk), -1, dtype=torch.int32, device=q_idx.device)
+    out = torch.empty((hkv, t, topk), dtype=torch.int32, device=q_idx.device)  # every row is written
     for frag in layout:
         if frag.q_len == 0:
             continue
