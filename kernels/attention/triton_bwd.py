@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E, BwdConfig, FwdConfig, QTileSchedule, build_kv_units, check_shapes, next_pow2
+from .triton_common import (LOG2E, BwdConfig, FwdConfig, QTileSchedule, build_kv_units, check_shapes, dot_in_fp32,
+                            mma, next_pow2)
 
 __all__ = ["sparse_attention_bwd"]
 
@@ -40,7 +41,7 @@ def _sparse_bwd_kv_kernel(
     TOKENS, UNIT_GROUP, UNIT_ROW, UNIT_BEGIN, UNIT_END, QK_ROW,
     TK, sm_scale, qk_scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-    TM: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_DQ: tl.constexpr,
+    TM: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_DQ: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     unit = tl.program_id(0)
     sub = tl.program_id(1)
@@ -71,16 +72,16 @@ def _sparse_bwd_kv_kernel(
         lse_off = tok.to(tl.int64) * HQ + head
         lse = tl.load(LSE + lse_off, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [M, BLOCK_N], log2 units
+        s = mma(q, tl.trans(k), DOT_FP32) * qk_scale  # [M, BLOCK_N], log2 units
         visible = row_ok[:, None] & (k_row[None, :] <= qk_row[:, None])
         p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))  # [M, BLOCK_N]
+        dv += mma(tl.trans(p.to(do.dtype)), do, DOT_FP32)
+        dp = mma(do, tl.trans(v), DOT_FP32)  # [M, BLOCK_N]
         ds = p * (dp - delta[:, None])
         ds_lp = ds.to(q.dtype)
-        dk += tl.dot(tl.trans(ds_lp), q)
+        dk += mma(tl.trans(ds_lp), q, DOT_FP32)
         if WRITE_DQ:
-            dq = tl.dot(ds_lp, k) * sm_scale  # [M, D]
+            dq = mma(ds_lp, k, DOT_FP32) * sm_scale  # [M, D]
             tl.atomic_add(DQ32 + q_off[:, None] + d[None, :], dq, mask=row_ok[:, None], sem="relaxed")
     tl.atomic_add(DK32 + kv_off[:, None] + d[None, :], dk * sm_scale, mask=k_ok[:, None], sem="relaxed")
     tl.atomic_add(DV32 + kv_off[:, None] + d[None, :], dv, mask=k_ok[:, None], sem="relaxed")
@@ -92,7 +93,7 @@ def _sparse_bwd_dq_kernel(
     TILE_BLOCKS, TILE_MASKS, TILE_COUNTS, QK_ROW,
     T, TK, NUM_TILES, STRIDE, sm_scale, qk_scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-    TM: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
+    TM: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Deterministic dQ: Q-outer over the forward's union schedule, no atomics."""
     tile = tl.program_id(0)
@@ -129,12 +130,12 @@ def _sparse_bwd_dq_kernel(
         k_ok = k_row < TK
         k = tl.load(K + kv_off[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
         v = tl.load(V + kv_off[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = mma(q, tl.trans(k), DOT_FP32) * qk_scale
         visible = (picked & row_ok)[:, None] & (k_row[None, :] <= qk_row[:, None])
         p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        dp = mma(do, tl.trans(v), DOT_FP32)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += mma(ds.to(k.dtype), k, DOT_FP32)
     tl.store(DQ + q_off[:, None] + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -164,7 +165,7 @@ def sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, tiles: QTileSchedule, 
             units.tokens, units.unit_group, units.unit_block_row, units.unit_begin, units.unit_end, qk_rows,
             tk, scale, scale * LOG2E,
             HQ=hq, HKV=hkv, G=group, GP=gp, D=dim, TM=bcfg.tokens_per_step(group), BLOCK_N=block_n,
-            WRITE_DQ=not deterministic, num_warps=bcfg.num_warps, num_stages=bcfg.num_stages)
+            WRITE_DQ=not deterministic, DOT_FP32=dot_in_fp32(q.dtype), num_warps=bcfg.num_warps, num_stages=bcfg.num_stages)
     if deterministic:
         dq = torch.empty_like(q)
         if t:
@@ -173,7 +174,8 @@ def sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, tiles: QTileSchedule, 
                 tiles.block_rows, tiles.token_masks, tiles.counts, qk_rows,
                 t, tk, tiles.num_tiles, tiles.stride, scale, scale * LOG2E,
                 HQ=hq, HKV=hkv, G=group, GP=gp, D=dim, TM=tiles.tokens_per_tile, BLOCK_KV=block_size,
-                BLOCK_N=min(fcfg.block_n, block_size), num_warps=fcfg.num_warps, num_stages=fcfg.num_stages)
+                BLOCK_N=min(fcfg.block_n, block_size), DOT_FP32=dot_in_fp32(q.dtype),
+                num_warps=fcfg.num_warps, num_stages=fcfg.num_stages)
     else:
         dq = dq32.to(q.dtype)
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)

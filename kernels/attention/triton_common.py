@@ -23,13 +23,15 @@ import os
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 from ..layout import VarlenLayout
 
 __all__ = ["QTileSchedule", "KVUnitSchedule", "query_key_rows", "block_key_rows",
            "build_q_tiles", "build_kv_units", "next_pow2",
            "LOG2E", "FwdConfig", "fwd_config", "BwdConfig", "bwd_config", "check_shapes", "default_scale",
-           "interpreting"]
+           "interpreting", "mma", "dot_in_fp32"]
 
 LOG2E = 1.4426950408889634
 
@@ -267,3 +269,17 @@ def ensure_interpreter_compat() -> None:
 
     interpreter._patch_lang_tensor = patched
     interpreter._msa_index_patched = True
+
+
+@triton.jit
+def mma(a, b, IN_FP32: tl.constexpr):
+    """tl.dot with fp32 accumulation; IN_FP32 upcasts the operands first. Only the CPU interpreter sets
+    it: Triton 3.6's interpreter multiplies bfloat16 operands as raw bits (garbage results)."""
+    if IN_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+def dot_in_fp32(dtype: torch.dtype) -> bool:
+    return interpreting() and dtype == torch.bfloat16
