@@ -1,0 +1,99 @@
+"""Initialize torch.distributed + Megatron parallel_state (trainer and tests share this)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any, Mapping, Optional
+
+import torch
+
+
+def _get(parallel: Any, key: str, default: Any) -> Any:
+    if parallel is None:
+        return default
+    if isinstance(parallel, Mapping):
+        return parallel.get(key, default)
+    return getattr(parallel, key, default)
+
+
+def init_parallel(
+    parallel: Any = None,
+    *,
+    seed: int = 1234,
+    backend: Optional[str] = None,
+    timeout_minutes: int = 10,
+) -> None:
+    """Init the default process group (env:// from torchrun, or a 1-process group) and Megatron's
+    model-parallel groups, then seed Megatron's RNG tracker.
+
+    ``parallel``: dict-like or object with tp, pp, cp, ep, etp (optional), vpp (optional).
+    Backend: nccl with CUDA, gloo otherwise (``backend`` overrides).
+    """
+    from msa_train.compat.patches import apply
+
+    apply()
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    tp = int(_get(parallel, "tp", 1))
+    pp = int(_get(parallel, "pp", 1))
+    cp = int(_get(parallel, "cp", 1))
+    ep = int(_get(parallel, "ep", 1))
+    etp = _get(parallel, "etp", None)
+    vpp = _get(parallel, "vpp", None)
+
+    use_cuda = torch.cuda.is_available()
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:
+            # Single process without torchrun: a private 1-rank group on a free port.
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            if "MASTER_PORT" not in os.environ:
+                import socket
+
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", 0))
+                    os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+            os.environ.setdefault("LOCAL_RANK", "0")
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(
+            backend=backend or ("nccl" if use_cuda else "gloo"),
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+
+    world = torch.distributed.get_world_size()
+    model_parallel = tp * pp * cp
+    if world % model_parallel != 0:
+        raise ValueError(
+            f"parallel: world size {world} is not divisible by tp*pp*cp = {model_parallel}; "
+            "change parallel.tp/pp/cp or the number of processes"
+        )
+    dp = world // model_parallel
+    if (dp * cp) % ep != 0:
+        raise ValueError(f"parallel.ep={ep} must divide dp*cp={dp * cp}")
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+        create_gloo_process_groups=False,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

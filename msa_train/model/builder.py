@@ -1,0 +1,53 @@
+"""Build the MSA GPTModel from an MSATransformerConfig."""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+from megatron.core.models.gpt import GPTModel
+
+from msa_train.model import kl_tracker, recall
+from msa_train.model.specs import msa_block_spec
+
+
+def build_model(
+    config,
+    vocab_size: Optional[int] = None,
+    max_seq_len: Optional[int] = None,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: Optional[int] = None,
+) -> GPTModel:
+    """GPTModel with MSA attention. vocab_size / max_seq_len default to the config's values
+    (gpt_vocab_size / gpt_max_position_embeddings); pass the tokenizer's padded vocab size."""
+    from msa_train.compat import apply
+
+    apply()
+    if not hasattr(config, "msa_layer_map"):
+        raise TypeError("build_model needs an MSATransformerConfig (build_transformer_config)")
+    vocab = int(vocab_size if vocab_size is not None else config.gpt_vocab_size)
+    max_len = int(max_seq_len if max_seq_len is not None else config.gpt_max_position_embeddings)
+    kl_tracker.set_num_layers(config.num_layers)
+    recall.set_num_layers(config.num_layers)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=msa_block_spec(config, vp_stage=vp_stage),
+        vocab_size=vocab,
+        max_sequence_length=max_len,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=config.gpt_share_embeddings,
+        position_embedding_type=config.gpt_position_embedding_type,
+        rotary_percent=config.gpt_rotary_percent,
+        rotary_base=config.gpt_rotary_base,
+        vp_stage=vp_stage,
+    )
+
+
+def index_parameters(model: torch.nn.Module) -> Iterator[tuple]:
+    """(name, param) of the index branch (W_qi, W_ki, index norms): the only parameters the KL
+    trains; an "indexer-only" stage freezes everything else."""
+    for name, param in model.named_parameters():
+        if ".indexer." in name or name.startswith("indexer."):
+            yield name, param
