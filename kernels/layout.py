@@ -25,9 +25,11 @@ import torch
 __all__ = ["Fragment", "VarlenLayout", "make_layout", "check_tensor", "query_chunks"]
 
 # fp32 elements of the largest per-chunk score matrix the reference builds ([heads, chunk, key_len]):
-# 16 MiB keeps long-context CPU runs O(T x chunk) while tiny inputs run in one chunk. Tests lower it
-# to exercise the chunk loop.
+# 16 MiB on CPU keeps long-context runs O(T x chunk) while tiny inputs run in one chunk (tests lower it
+# to exercise the chunk loop); 256 MiB on CUDA, where the reference is the GPU parity oracle at 8K-32K
+# tokens and a small chunk would make the Python loop the bottleneck.
 REFERENCE_CHUNK_ELEMENTS = 1 << 22
+REFERENCE_CHUNK_ELEMENTS_CUDA = 1 << 26
 
 
 class Fragment(NamedTuple):
@@ -205,8 +207,9 @@ def check_tensor(t: torch.Tensor, name: str, shape: Tuple[Optional[int], ...], *
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
 
 
-def query_chunks(frag: Fragment, elems_per_query: int) -> Iterator[Tuple[int, int]]:
+def query_chunks(frag: Fragment, elems_per_query: int, device: torch.device) -> Iterator[Tuple[int, int]]:
     """Yield [a, b) query ranges (local to ``frag``) whose score matrices fit the chunk budget."""
-    step = max(1, REFERENCE_CHUNK_ELEMENTS // max(1, elems_per_query))
+    budget = REFERENCE_CHUNK_ELEMENTS_CUDA if device.type == "cuda" else REFERENCE_CHUNK_ELEMENTS
+    step = max(1, budget // max(1, elems_per_query))
     for a in range(0, frag.q_len, step):
         yield a, min(frag.q_len, a + step)

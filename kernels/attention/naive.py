@@ -6,6 +6,7 @@ inputs and the forward's lse.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Tuple
 
 import torch
@@ -13,9 +14,25 @@ import torch
 from .. import layout as _layout
 from ..layout import Fragment, VarlenLayout
 
-__all__ = ["sparse_attention_ref", "support_mask", "causal_mask", "check_topk_ids", "iter_chunks"]
+__all__ = ["sparse_attention_ref", "support_mask", "causal_mask", "check_topk_ids", "iter_chunks",
+           "exact_fp32_matmul"]
 
 _NEG_INF = float("-inf")
+
+
+@contextlib.contextmanager
+def exact_fp32_matmul(device: torch.device):
+    """Keep the oracle's fp32 matmuls IEEE on CUDA even if the caller enabled TF32 (10-bit mantissa)."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = previous
 
 
 def causal_mask(pos: torch.Tensor, key_len: int) -> torch.Tensor:
@@ -55,7 +72,7 @@ def iter_chunks(layout: VarlenLayout, heads: int) -> Iterator[Tuple[Fragment, sl
         if frag.q_len == 0:
             continue
         keys = slice(frag.k_start, frag.k_start + frag.k_len)
-        for a, b in _layout.query_chunks(frag, heads * max(frag.k_len, 1)):
+        for a, b in _layout.query_chunks(frag, heads * max(frag.k_len, 1), layout.device):
             pos = torch.arange(frag.pos_offset + a, frag.pos_offset + b, device=layout.device,
                                dtype=torch.int64)
             yield frag, slice(frag.q_start + a, frag.q_start + b), keys, pos
@@ -73,23 +90,49 @@ def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return torch.exp(s - safe[..., None])
 
 
+def _forward_chunk(q, k, v, topk_idx, rows, keys, pos, block_size, scale):
+    """-> (out [c, Hq, Dv] fp32, lse [c, Hq] fp32) of one query chunk."""
+    c, hq, d = rows.stop - rows.start, q.shape[1], q.shape[2]
+    hkv = k.shape[1]
+    qc = q[rows].float().view(c, hkv, hq // hkv, d)  # [c, Hkv, G, D]
+    mask = support_mask(topk_idx[:, rows], pos, keys.stop - keys.start, block_size)
+    s = _scores(qc, k[keys].float(), mask, scale)  # [Hkv, G, c, Lk]
+    lse = torch.logsumexp(s, dim=-1)  # [Hkv, G, c]; -inf for an empty support
+    out = torch.einsum("rgcj,jrd->crgd", _probs(s, lse), v[keys].float())  # [c, Hkv, G, Dv]
+    return out.reshape(c, hq, -1), lse.permute(2, 0, 1).reshape(c, hq)
+
+
+def _backward_chunk(q, k, v, topk_idx, lse, dout, dlse, rows, keys, pos, block_size, scale, dq, dk, dv):
+    """Accumulate one query chunk's dq (rows), dk and dv (key rows) into fp32 buffers."""
+    c, hq, d = rows.stop - rows.start, q.shape[1], q.shape[2]
+    hkv = k.shape[1]
+    g = hq // hkv
+    qc = q[rows].float().view(c, hkv, g, d)
+    kc, vc = k[keys].float(), v[keys].float()
+    do = dout[rows].float().view(c, hkv, g, -1)  # [c, Hkv, G, Dv]
+    l = lse[rows].view(c, hkv, g).permute(1, 2, 0)  # [Hkv, G, c]
+    mask = support_mask(topk_idx[:, rows], pos, keys.stop - keys.start, block_size)
+    p = _probs(_scores(qc, kc, mask, scale), l)  # [Hkv, G, c, Lk]
+    dp = torch.einsum("crgd,jrd->rgcj", do, vc)
+    # d lse_i / d s_ij = p_ij, so an upstream lse gradient adds p * dlse.
+    row_term = (p * dp).sum(-1) - dlse[rows].float().view(c, hkv, g).permute(1, 2, 0)
+    ds = p * (dp - row_term[..., None])  # [Hkv, G, c, Lk]
+    dq[rows] = torch.einsum("rgcj,jrd->crgd", ds, kc).reshape(c, hq, d) * scale
+    dk[keys] += torch.einsum("rgcj,crgd->jrd", ds, qc) * scale
+    dv[keys] += torch.einsum("rgcj,crgd->jrd", p, do)
+
+
 class _SparseAttentionRef(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, topk_idx, layout: VarlenLayout, block_size: int, scale: float):
-        t, hq, d = q.shape
-        hkv = k.shape[1]
-        g = hq // hkv
+        t, hq, _ = q.shape
         # empty, not zeros: every row belongs to a fragment, and the NaN-poisoning tests prove it.
         out = torch.empty(t, hq, v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.empty(t, hq, dtype=torch.float32, device=q.device)
-        for _, rows, keys, pos in iter_chunks(layout, hq):
-            qc = q[rows].float().view(-1, hkv, g, d)  # [c, Hkv, G, D]
-            mask = support_mask(topk_idx[:, rows], pos, keys.stop - keys.start, block_size)
-            s = _scores(qc, k[keys].float(), mask, scale)  # [Hkv, G, c, Lk]
-            l = torch.logsumexp(s, dim=-1)  # [Hkv, G, c]; -inf for an empty support
-            o = torch.einsum("rgcj,jrd->crgd", _probs(s, l), v[keys].float())  # [c, Hkv, G, Dv]
-            out[rows] = o.reshape(o.shape[0], hq, -1).to(q.dtype)
-            lse[rows] = l.permute(2, 0, 1).reshape(-1, hq)
+        with exact_fp32_matmul(q.device):
+            for _, rows, keys, pos in iter_chunks(layout, hq):
+                o, l = _forward_chunk(q, k, v, topk_idx, rows, keys, pos, block_size, scale)
+                out[rows], lse[rows] = o.to(q.dtype), l
         ctx.save_for_backward(q, k, v, topk_idx, lse)
         ctx.layout, ctx.block_size, ctx.scale = layout, block_size, scale
         return out, lse
@@ -97,28 +140,13 @@ class _SparseAttentionRef(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, topk_idx, lse = ctx.saved_tensors
-        layout, block_size, scale = ctx.layout, ctx.block_size, ctx.scale
-        t, hq, d = q.shape
-        hkv = k.shape[1]
-        g = hq // hkv
-        dq = torch.empty(t, hq, d, dtype=torch.float32, device=q.device)
+        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        for _, rows, keys, pos in iter_chunks(layout, hq):
-            c = rows.stop - rows.start
-            qc = q[rows].float().view(c, hkv, g, d)
-            kc, vc = k[keys].float(), v[keys].float()
-            do = dout[rows].float().view(c, hkv, g, -1)  # [c, Hkv, G, Dv]
-            l = lse[rows].view(c, hkv, g).permute(1, 2, 0)  # [Hkv, G, c]
-            mask = support_mask(topk_idx[:, rows], pos, keys.stop - keys.start, block_size)
-            p = _probs(_scores(qc, kc, mask, scale), l)  # [Hkv, G, c, Lk]
-            dp = torch.einsum("crgd,jrd->rgcj", do, vc)
-            # d lse_i / d s_ij = p_ij, so an upstream lse gradient adds p * dlse.
-            row_term = (p * dp).sum(-1) - dlse[rows].float().view(c, hkv, g).permute(1, 2, 0)
-            ds = p * (dp - row_term[..., None])  # [Hkv, G, c, Lk]
-            dq[rows] = torch.einsum("rgcj,jrd->crgd", ds, kc).reshape(c, hq, d) * scale
-            dk[keys] += torch.einsum("rgcj,crgd->jrd", ds, qc) * scale
-            dv[keys] += torch.einsum("rgcj,crgd->jrd", p, do)
+        with exact_fp32_matmul(q.device):
+            for _, rows, keys, pos in iter_chunks(ctx.layout, q.shape[1]):
+                _backward_chunk(q, k, v, topk_idx, lse, dout, dlse, rows, keys, pos, ctx.block_size,
+                                ctx.scale, dq, dk, dv)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 

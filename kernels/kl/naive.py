@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..attention.naive import causal_mask, check_topk_ids, iter_chunks, support_mask
+from ..attention.naive import causal_mask, check_topk_ids, exact_fp32_matmul, iter_chunks, support_mask
 from ..layout import VarlenLayout
 
 __all__ = ["indexer_kl_ref", "indexer_kl_dense_ref"]
@@ -58,10 +58,11 @@ class _IndexerKLRef(torch.autograd.Function):
     def forward(ctx, q, k, lse, q_idx, k_idx, topk_idx, layout: VarlenLayout, block_size, scale,
                 index_scale, reduction):
         total = torch.zeros((), dtype=torch.float64, device=q.device)
-        for _, rows, keys, pos in iter_chunks(layout, q.shape[1]):
-            kl, _ = _chunk_terms(q, k, lse, q_idx, k_idx, topk_idx, rows, keys, pos, block_size,
-                                 scale, index_scale, want_grad=False)
-            total += kl.sum(dtype=torch.float64)
+        with exact_fp32_matmul(q.device):
+            for _, rows, keys, pos in iter_chunks(layout, q.shape[1]):
+                kl, _ = _chunk_terms(q, k, lse, q_idx, k_idx, topk_idx, rows, keys, pos, block_size,
+                                     scale, index_scale, want_grad=False)
+                total += kl.sum(dtype=torch.float64)
         norm = _norm(layout, k.shape[1], reduction)
         ctx.save_for_backward(q, k, lse, q_idx, k_idx, topk_idx)
         ctx.args = (layout, block_size, scale, index_scale, norm)
@@ -74,11 +75,12 @@ class _IndexerKLRef(torch.autograd.Function):
         dq_idx = torch.zeros(q_idx.shape, dtype=torch.float32, device=q_idx.device)
         dk_idx = torch.zeros(k_idx.shape, dtype=torch.float32, device=k_idx.device)
         coef = grad.float() * (norm * index_scale)
-        for _, rows, keys, pos in iter_chunks(layout, q.shape[1]):
-            _, dt = _chunk_terms(q, k, lse, q_idx, k_idx, topk_idx, rows, keys, pos, block_size,
-                                 scale, index_scale, want_grad=True)  # [Hkv, c, Lk]
-            dq_idx[rows] = torch.einsum("rcj,jd->crd", dt, k_idx[keys].float()) * coef
-            dk_idx[keys] += torch.einsum("rcj,crd->jd", dt, q_idx[rows].float()) * coef
+        with exact_fp32_matmul(q.device):
+            for _, rows, keys, pos in iter_chunks(layout, q.shape[1]):
+                _, dt = _chunk_terms(q, k, lse, q_idx, k_idx, topk_idx, rows, keys, pos, block_size,
+                                     scale, index_scale, want_grad=True)  # [Hkv, c, Lk]
+                dq_idx[rows] = torch.einsum("rcj,jd->crd", dt, k_idx[keys].float()) * coef
+                dk_idx[keys] += torch.einsum("rcj,crd->jd", dt, q_idx[rows].float()) * coef
         # Teacher inputs (q, k, lse) are detached by definition: no gradient.
         return (None, None, None, dq_idx.to(q_idx.dtype), dk_idx.to(k_idx.dtype),
                 None, None, None, None, None, None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import layout as _layout
+from ..attention.naive import exact_fp32_matmul
 from ..layout import Fragment, VarlenLayout
 
 __all__ = ["select_blocks_ref", "block_scores_chunk", "block_scores_ref", "rank_blocks"]
@@ -77,17 +78,23 @@ def select_blocks_ref(q_idx: torch.Tensor, k_idx: torch.Tensor, layout: VarlenLa
     """Reference select_blocks: q_idx [T, Hkv, Di], k_idx [Tk, Di] -> int32 [Hkv, T, topk]."""
     t, hkv, _ = q_idx.shape
     out = torch.empty((hkv, t, topk), dtype=torch.int32, device=q_idx.device)  # every row is written
+    with exact_fp32_matmul(q_idx.device):
+        _select_into(out, q_idx, k_idx, layout, block_size, topk, index_scale, force_sink, local_window)
+    return out
+
+
+def _select_into(out, q_idx, k_idx, layout, block_size, topk, index_scale, force_sink, local_window):
+    hkv = q_idx.shape[1]
     for frag in layout:
         if frag.q_len == 0:
             continue
         keys = k_idx[frag.k_start:frag.k_start + frag.k_len]  # [Lk, Di]
         nb = frag.num_blocks(block_size)
-        for a, b in _layout.query_chunks(frag, hkv * max(frag.k_len, 1)):
+        for a, b in _layout.query_chunks(frag, hkv * max(frag.k_len, 1), q_idx.device):
             pos = _positions(frag, a, b, q_idx.device)
             rows = slice(frag.q_start + a, frag.q_start + b)
             scores = block_scores_chunk(q_idx[rows], keys, pos, block_size, nb, index_scale)
             out[:, rows] = rank_blocks(scores, pos, block_size, topk, force_sink, local_window)
-    return out
 
 
 def block_scores_ref(q_idx: torch.Tensor, k_idx: torch.Tensor, layout: VarlenLayout, *, block_size: int,
@@ -100,13 +107,19 @@ def block_scores_ref(q_idx: torch.Tensor, k_idx: torch.Tensor, layout: VarlenLay
     t, hkv, _ = q_idx.shape
     nb_max = layout.max_blocks(block_size)
     out = torch.full((hkv, t, nb_max), float("-inf"), dtype=torch.float32, device=q_idx.device)
+    with exact_fp32_matmul(q_idx.device):
+        _block_scores_into(out, q_idx, k_idx, layout, block_size, index_scale)
+    return out
+
+
+def _block_scores_into(out, q_idx, k_idx, layout, block_size, index_scale):
+    hkv = q_idx.shape[1]
     for frag in layout:
         if frag.q_len == 0:
             continue
         keys = k_idx[frag.k_start:frag.k_start + frag.k_len]
         nb = frag.num_blocks(block_size)
-        for a, b in _layout.query_chunks(frag, hkv * max(frag.k_len, 1)):
+        for a, b in _layout.query_chunks(frag, hkv * max(frag.k_len, 1), q_idx.device):
             pos = _positions(frag, a, b, q_idx.device)
             rows = slice(frag.q_start + a, frag.q_start + b)
             out[:, rows, :nb] = block_scores_chunk(q_idx[rows], keys, pos, block_size, nb, index_scale)
-    return out
