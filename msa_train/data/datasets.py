@@ -162,9 +162,20 @@ def build_datasets(data_cfg: DataConfig, tokenizer, seq_length: int, seed: int,
         gpt_cfg = build_gpt_dataset_config(data_cfg, tokenizer, seq_length, seed)
         cls = MockGPTDataset if gpt_cfg.mock else GPTDataset
         sizes = [num_train_samples, num_valid_samples, num_test_samples]
-        with _single_process_rank():
-            train, valid, test = BlendedMegatronDatasetBuilder(
-                cls, sizes, is_built_on_rank or (lambda: True), gpt_cfg).build()
+        try:
+            with _single_process_rank():
+                train, valid, test = BlendedMegatronDatasetBuilder(
+                    cls, sizes, is_built_on_rank or (lambda: True), gpt_cfg).build()
+        except Exception as err:
+            # Megatron raises the OSError itself (one process) or wraps it (torch.distributed).
+            os_err = err if isinstance(err, OSError) else err.__cause__
+            if not isinstance(os_err, OSError):
+                raise
+            where = gpt_cfg.path_to_cache or "<prefix>/cache next to each data prefix"
+            raise DataConfigError(
+                f"building the dataset indices failed writing the index cache at {where} "
+                f"({os_err}); set data.index_cache_dir to a writable directory that all ranks "
+                f"share") from err
     logger.info("datasets (seq_length=%d): train=%s valid=%s test=%s samples", seq_length,
                 *(None if d is None else len(d) for d in (train, valid, test)))
     return train, valid, test

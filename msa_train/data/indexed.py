@@ -65,8 +65,11 @@ class IndexedWriter:
     def __init__(self, prefix: str, vocab_size: int, eod: int) -> None:
         from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
+        if not 0 <= eod < vocab_size:
+            raise ValueError(f"eod={eod} must lie in [0, vocab_size={vocab_size})")
         self.prefix = prefix
         self.eod = eod
+        self.vocab_size = vocab_size
         self.dtype = DType.optimal_dtype(vocab_size)
         parent = os.path.dirname(os.path.abspath(prefix))
         os.makedirs(parent, exist_ok=True)
@@ -82,6 +85,13 @@ class IndexedWriter:
         if n == 0:
             self.summary.skipped_empty += 1
             return
+        ids = np.asarray(ids)
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            # would wrap silently in the narrow on-disk dtype
+            raise ValueError(
+                f"token id {lo if lo < 0 else hi} outside [0, vocab_size={self.vocab_size}) in "
+                f"document {self.summary.documents}: the tokenizer's vocab_size is wrong")
         doc = np.empty(n + 1, dtype=self.dtype)  # [n + 1]
         doc[:n] = ids
         doc[n] = self.eod

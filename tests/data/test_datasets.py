@@ -140,3 +140,17 @@ def test_yaml_configs_match_the_schema(name):
             validate_data_config(cfg)
     else:
         validate_data_config(cfg)
+
+
+def test_unwritable_index_cache_names_the_field(tmp_path, numbered_docs, data_cfg_factory):
+    import os
+
+    prefix = write_prefix(tmp_path / "d", numbered_docs)
+    # a plain file where Megatron's default cache directory (<prefix>/cache) must go
+    open(prefix, "w").close()
+    cfg = data_cfg_factory(source="indexed", paths=[prefix], split="1,0,0")
+    with pytest.raises(DataConfigError, match="data.index_cache_dir"):
+        build_datasets(cfg, ByteTokenizer(), SEQ, 0, 4, 0)
+    cfg.index_cache_dir = str(tmp_path / "idx")
+    train, _, _ = build_datasets(cfg, ByteTokenizer(), SEQ, 0, 4, 0)
+    assert len(train) >= 4 and os.listdir(tmp_path / "idx")

@@ -100,3 +100,12 @@ def test_cli_summary_and_error_exit_code(tmp_path, capsys):
     assert cli.main(["--input", str(tmp_path / "nope"), "--output-prefix", str(tmp_path / "x"),
                      "--no-progress"]) == 2
     assert "--input" in capsys.readouterr().err
+
+
+def test_writer_rejects_ids_outside_the_vocabulary(tmp_path):
+    from msa_train.data.indexed import IndexedWriter
+
+    with pytest.raises(ValueError, match="vocab_size=257"):
+        with IndexedWriter(str(tmp_path / "w"), 257, 256) as w:
+            w.add([1, 2, 300])
+    assert not os.listdir(tmp_path)
