@@ -82,6 +82,8 @@ def brute_block_scores(q_idx, k_idx, cu_seqlens, block_size: int, index_scale=No
     nb = max(1, max((-(-kl // block_size) for _, _, _, kl in fragments(cu_seqlens, key_starts, key_lens)),
                     default=1))
     out = torch.full((s.shape[0], s.shape[1], nb), float("-inf"), dtype=torch.float64)
+    if k_idx.shape[0] == 0:
+        return out
     for b in range(nb):
         m = vis & (blk == b)
         out[..., b] = s.masked_fill(~m[None], float("-inf")).amax(-1)
