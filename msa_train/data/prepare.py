@@ -11,7 +11,6 @@ import fnmatch
 import json
 import multiprocessing as mp
 import os
-from dataclasses import asdict
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -144,8 +143,10 @@ def prepare_indexed_dataset(inputs: Sequence[str], output_prefix: str,
     try:
         with writer:
             if workers > 1:
-                pool = mp.get_context("spawn").Pool(workers, _init_worker,
-                                                    (asdict(tokenizer_cfg),))
+                # plain fields: works for the dataclass and for an OmegaConf node alike
+                tok_fields = {k: getattr(tokenizer_cfg, k) for k in
+                              ("type", "name_or_path", "make_vocab_size_divisible_by")}
+                pool = mp.get_context("spawn").Pool(workers, _init_worker, (tok_fields,))
                 # imap keeps input order: the output does not depend on the number of workers.
                 encoded = pool.imap(_encode_in_worker, docs, chunksize=16)
             else:

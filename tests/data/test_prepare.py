@@ -109,3 +109,24 @@ def test_writer_rejects_ids_outside_the_vocabulary(tmp_path):
         with IndexedWriter(str(tmp_path / "w"), 257, 256) as w:
             w.add([1, 2, 300])
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tokenizers") is None, reason="needs `tokenizers`")
+def test_huggingface_tokenizer_json_with_workers(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from msa_train.data import TokenizerConfig
+
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, "alpha": 2, "beta": 3}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok_path = str(tmp_path / "tokenizer.json")
+    raw.save(tok_path)
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"body": t}) for t in ["alpha beta", "beta gamma", "alpha"]))
+    out = str(tmp_path / "hf")
+    summary = prepare_indexed_dataset([str(data)], out,
+                                      TokenizerConfig(type="huggingface", name_or_path=tok_path),
+                                      json_key="body", workers=2, progress=False)
+    assert read_docs(out) == [[2, 3, 0], [3, 1, 0], [2, 0]]
+    assert summary.tokens == 8
