@@ -6,22 +6,35 @@ Typical use (trainer):
     train_ds, valid_ds, _ = build_datasets(cfg.data, tokenizer, seq_length, seed, n_train, n_valid)
     loader = build_data_loader(train_ds, consumed_samples, micro_batch_size, dp_rank, dp_size,
                                cfg.data.num_workers, collator_for(cfg.data, tokenizer))
+
+Exports resolve lazily so that light users (prepare_data's worker processes, config validation)
+do not pay for importing torch and Megatron.
 """
 
-from msa_train.data.config import (DataConfig, DataConfigError, StdlibCorpusConfig,
-                                   TokenizerConfig, validate_data_config)
-from msa_train.data.datasets import build_datasets, build_gpt_dataset_config
-from msa_train.data.loader import (BatchCollator, build_data_loader, collator_for, cycle,
-                                   document_cu_seqlens)
-from msa_train.data.sampler import ResumableBatchSampler
-from msa_train.data.stdlib_corpus import StdlibCorpus, ensure_stdlib_corpus
-from msa_train.data.tokenizer import (ByteTokenizer, HuggingFaceTokenizer, build_tokenizer,
-                                      padded_vocab_size)
+from importlib import import_module
 
-__all__ = [
-    "BatchCollator", "ByteTokenizer", "DataConfig", "DataConfigError", "HuggingFaceTokenizer",
-    "ResumableBatchSampler", "StdlibCorpus", "StdlibCorpusConfig", "TokenizerConfig",
-    "build_data_loader", "build_datasets", "build_gpt_dataset_config", "build_tokenizer",
-    "collator_for", "cycle", "document_cu_seqlens", "ensure_stdlib_corpus", "padded_vocab_size",
-    "validate_data_config",
-]
+_EXPORTS = {
+    "DataConfig": "config", "DataConfigError": "config", "StdlibCorpusConfig": "config",
+    "TokenizerConfig": "config", "validate_data_config": "config",
+    "build_datasets": "datasets", "build_gpt_dataset_config": "datasets",
+    "BatchCollator": "loader", "build_data_loader": "loader", "collator_for": "loader",
+    "cycle": "loader", "document_cu_seqlens": "loader",
+    "ResumableBatchSampler": "sampler",
+    "StdlibCorpus": "stdlib_corpus", "ensure_stdlib_corpus": "stdlib_corpus",
+    "ByteTokenizer": "tokenizer", "HuggingFaceTokenizer": "tokenizer",
+    "build_tokenizer": "tokenizer", "padded_vocab_size": "tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'msa_train.data' has no attribute {name!r}")
+    value = getattr(import_module(f"msa_train.data.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
