@@ -117,6 +117,10 @@ def _dispatch(anchor: torch.Tensor, module: str, fn: str):
     backend = backend_for(anchor)
     if backend == "reference":
         return None
+    forced = not anchor.is_cuda  # auto only picks Triton for CUDA tensors
+    if forced and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError("MSA_KERNELS_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 (set before "
+                           "importing triton); unset MSA_KERNELS_BACKEND to run the reference")
     return _load_triton(module, fn, forced=os.environ.get("MSA_KERNELS_BACKEND", "").strip().lower() == "triton")
 
 

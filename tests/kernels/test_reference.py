@@ -530,3 +530,30 @@ def test_reference_on_cuda_long_sequence_bounded_memory():
         assert torch.isfinite(x.float()).all()
     assert (idx[:, :, -1] >= -1).all() and (idx >= 0).sum(-1).min() >= 1
     assert peak < 8.0, f"reference used {peak:.2f} GiB extra: chunking is not bounding memory"
+
+
+def test_forced_triton_backend_passes_the_layout_and_options(monkeypatch):
+    """Dispatch contract with a stand-in kernel module (the real ones are tested in their own files)."""
+    import sys
+    import types
+
+    calls = {}
+
+    def fake_select(q_idx, k_idx, layout, **opts):
+        calls["select"] = (layout, opts)
+        return torch.zeros(q_idx.shape[1], q_idx.shape[0], opts["topk"], dtype=torch.int32)
+
+    fake = types.ModuleType("msa_kernels.select.triton")
+    fake.select_blocks_triton = fake_select
+    monkeypatch.setitem(sys.modules, "msa_kernels.select.triton", fake)
+    monkeypatch.setenv("MSA_KERNELS_BACKEND", "triton")
+    g = _gen(2)
+    qi, ki = _randn(10, 2, 4, gen=g), _randn(10, 4, gen=g)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        mk.select_blocks(qi, ki, cu_seqlens_of([6, 4]), 4, 3)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    mk.select_blocks(qi, ki, cu_seqlens_of([6, 4]), 4, 3, local_window=1)
+    layout, opts = calls["select"]
+    assert isinstance(layout, mk.VarlenLayout) and layout.total_q == 10 and layout.is_self
+    assert opts == dict(block_size=4, topk=3, index_scale=0.5, force_sink=False, local_window=1)
