@@ -115,12 +115,12 @@ def validate_data_config(cfg: DataConfig) -> None:
                 "(path without .bin/.idx), e.g. data.paths=[/data/corpus_text_document]; "
                 "make them with tools/prepare_data.py")
         _check_weights(list(cfg.paths), cfg.weights, "data.paths", "data.weights")
-        from msa_train.data.indexed import check_prefix_exists
+        from msa_train.data.indexed import check_prefix_exists, check_tokenizer_matches
 
-        for i, prefix in enumerate(cfg.paths):
-            check_prefix_exists(prefix, f"data.paths[{i}]")
-        for i, prefix in enumerate(cfg.valid_paths):
-            check_prefix_exists(prefix, f"data.valid_paths[{i}]")
+        for name in ("paths", "valid_paths"):
+            for i, prefix in enumerate(getattr(cfg, name)):
+                check_prefix_exists(prefix, f"data.{name}[{i}]")
+                check_tokenizer_matches(prefix, f"data.{name}[{i}]", cfg.tokenizer.type)
     elif cfg.paths:
         raise DataConfigError(
             f"data.paths is set but data.source={cfg.source!r} ignores it: "
@@ -129,6 +129,11 @@ def validate_data_config(cfg: DataConfig) -> None:
         _check_weights(list(cfg.valid_paths), cfg.valid_weights, "data.valid_paths",
                        "data.valid_weights")
     tok = cfg.tokenizer
+    if cfg.source == "stdlib" and tok.type != "byte":
+        raise DataConfigError(
+            f"data.source=stdlib is tokenized byte-level, but data.tokenizer.type={tok.type!r}: "
+            f"use data.tokenizer.type=byte, or prepare the corpus with your tokenizer "
+            f"(tools/prepare_data.py) and train with data.source=indexed")
     if tok.type not in TOKENIZER_TYPES:
         raise DataConfigError(
             f"data.tokenizer.type={tok.type!r} is not one of {list(TOKENIZER_TYPES)}")

@@ -22,6 +22,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from msa_train.data.config import DataConfig, DataConfigError, validate_data_config
+from msa_train.data.indexed import check_tokenizer_matches
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,9 @@ def build_gpt_dataset_config(cfg: DataConfig, tokenizer, seq_length: int, seed: 
     if seq_length < 1:
         raise DataConfigError(f"sequence length {seq_length} must be >= 1")
     prefixes, weights, cache = resolve_blend(cfg)
+    for name, group in (("paths", prefixes or []), ("valid_paths", list(cfg.valid_paths))):
+        for i, prefix in enumerate(group):
+            check_tokenizer_matches(prefix, f"data.{name}[{i}]", cfg.tokenizer.type, tokenizer)
     blend = None if prefixes is None else (prefixes, weights)
     blend_per_split = None
     split = str(cfg.split)

@@ -7,9 +7,10 @@ the text followed by one EOD. Files are written under temporary names and rename
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
-from typing import Sequence, Union
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -22,6 +23,20 @@ def bin_path(prefix: str) -> str:
 
 def idx_path(prefix: str) -> str:
     return prefix + ".idx"
+
+
+def meta_path(prefix: str) -> str:
+    """Sidecar JSON written by msa-train: tokenizer identity and counts of the dataset."""
+    return prefix + ".meta.json"
+
+
+def read_meta(prefix: str) -> Optional[dict]:
+    """The sidecar of `prefix`, or None for datasets made by other tools."""
+    try:
+        with open(meta_path(prefix)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
 
 
 def prefix_exists(prefix: str) -> bool:
@@ -62,7 +77,8 @@ class IndexedWriter:
     On an exception the temporary files are removed and nothing appears under `prefix`.
     """
 
-    def __init__(self, prefix: str, vocab_size: int, eod: int) -> None:
+    def __init__(self, prefix: str, vocab_size: int, eod: int,
+                 tokenizer_info: Optional[dict] = None) -> None:
         from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
         if not 0 <= eod < vocab_size:
@@ -70,6 +86,7 @@ class IndexedWriter:
         self.prefix = prefix
         self.eod = eod
         self.vocab_size = vocab_size
+        self.tokenizer_info = tokenizer_info or {"vocab_size": vocab_size, "eod": eod}
         self.dtype = DType.optimal_dtype(vocab_size)
         parent = os.path.dirname(os.path.abspath(prefix))
         os.makedirs(parent, exist_ok=True)
@@ -112,7 +129,7 @@ class IndexedWriter:
         """Drop the temporary files; nothing is left under the prefix."""
         self._done = True
         self._builder.data_file.close()
-        for path in (bin_path(self._tmp), idx_path(self._tmp)):
+        for path in (bin_path(self._tmp), idx_path(self._tmp), meta_path(self._tmp)):
             if os.path.exists(path):
                 os.remove(path)
 
@@ -127,8 +144,34 @@ class IndexedWriter:
                 f"file pattern or json key")
         self._done = True
         self._builder.finalize(idx_path(self._tmp))
+        meta = {"tokenizer": self.tokenizer_info, **asdict(self.summary)}
+        meta.pop("output_bytes")
+        with open(meta_path(self._tmp), "w") as f:
+            json.dump(meta, f, indent=2)
         os.replace(bin_path(self._tmp), bin_path(self.prefix))
-        os.replace(idx_path(self._tmp), idx_path(self.prefix))
+        os.replace(meta_path(self._tmp), meta_path(self.prefix))
+        os.replace(idx_path(self._tmp), idx_path(self.prefix))  # last: publishes the dataset
         self.summary.output_bytes = (os.path.getsize(bin_path(self.prefix))
                                      + os.path.getsize(idx_path(self.prefix)))
         return self.summary
+
+
+def check_tokenizer_matches(prefix: str, field_name: str, tokenizer_type: str,
+                            tokenizer=None) -> None:
+    """Refuse data prepared with another tokenizer: its ids would silently mean other text."""
+    meta = read_meta(prefix)
+    if not meta or "tokenizer" not in meta:
+        return
+    recorded = meta["tokenizer"]
+    if recorded.get("type", tokenizer_type) != tokenizer_type:
+        raise DataConfigError(
+            f"{field_name}={prefix!r} was prepared with the {recorded.get('type')} tokenizer "
+            f"({recorded}) but data.tokenizer.type={tokenizer_type!r}: set data.tokenizer to the "
+            f"tokenizer the data was prepared with")
+    if tokenizer is not None:
+        for key in ("vocab_size", "eod"):
+            if key in recorded and recorded[key] != getattr(tokenizer, key):
+                raise DataConfigError(
+                    f"{field_name}={prefix!r} was prepared with a tokenizer of {key}="
+                    f"{recorded[key]} but data.tokenizer gives {key}={getattr(tokenizer, key)} "
+                    f"({tokenizer!r}): set data.tokenizer to the one the data was prepared with")

@@ -17,7 +17,7 @@ import numpy as np
 
 from msa_train.data.config import TokenizerConfig
 from msa_train.data.indexed import IndexedWriter, WriteSummary
-from msa_train.data.tokenizer import ByteTokenizer, build_tokenizer
+from msa_train.data.tokenizer import ByteTokenizer, build_tokenizer, tokenizer_identity
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 INPUT_FORMATS = ("auto", "text", "jsonl")
@@ -136,7 +136,8 @@ def prepare_indexed_dataset(inputs: Sequence[str], output_prefix: str,
 
     from tqdm import tqdm
 
-    writer = IndexedWriter(output_prefix, tokenizer.vocab_size, tokenizer.eod)
+    writer = IndexedWriter(output_prefix, tokenizer.vocab_size, tokenizer.eod,
+                           tokenizer_identity(tokenizer))
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare_data",
                disable=not progress, dynamic_ncols=True)
     pool = None

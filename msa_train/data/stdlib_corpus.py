@@ -25,12 +25,12 @@ from typing import List, Optional
 
 from msa_train.data.config import StdlibCorpusConfig
 from msa_train.data.indexed import IndexedWriter, prefix_exists
-from msa_train.data.tokenizer import ByteTokenizer
+from msa_train.data.tokenizer import ByteTokenizer, tokenizer_identity
 
 logger = logging.getLogger(__name__)
 
 # Bump when the on-disk layout or the document definition changes.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PREFIX_NAME = "stdlib_text_document"
 META_NAME = "corpus.json"
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -93,8 +93,8 @@ def _build(directory: str, files: List[str]) -> dict:
     os.makedirs(tmp)
     try:
         t0 = time.time()
-        with IndexedWriter(os.path.join(tmp, PREFIX_NAME), tokenizer.vocab_size,
-                           tokenizer.eod) as writer:
+        with IndexedWriter(os.path.join(tmp, PREFIX_NAME), tokenizer.vocab_size, tokenizer.eod,
+                           tokenizer_identity(tokenizer)) as writer:
             for path in files:
                 with open(path, "rb") as f:
                     data = f.read()

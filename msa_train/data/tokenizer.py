@@ -132,6 +132,14 @@ class HuggingFaceTokenizer:
                 f"eod={self.eod})")
 
 
+def tokenizer_identity(tokenizer) -> dict:
+    """What a prepared dataset records about its tokenizer (checked again at training time)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return {"type": "byte", "vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod}
+    return {"type": "huggingface", "name_or_path": getattr(tokenizer, "name_or_path", None),
+            "vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod}
+
+
 def build_tokenizer(cfg: TokenizerConfig):
     """TokenizerConfig (data.tokenizer) -> ByteTokenizer | HuggingFaceTokenizer."""
     if cfg.type == "byte":

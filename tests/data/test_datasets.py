@@ -4,8 +4,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import write_prefix
-from msa_train.data import (ByteTokenizer, DataConfig, DataConfigError, build_datasets,
-                            validate_data_config)
+from msa_train.data import (ByteTokenizer, DataConfig, DataConfigError, TokenizerConfig,
+                            build_datasets, validate_data_config)
 
 SEQ = 32
 
@@ -154,3 +154,23 @@ def test_unwritable_index_cache_names_the_field(tmp_path, numbered_docs, data_cf
     cfg.index_cache_dir = str(tmp_path / "idx")
     train, _, _ = build_datasets(cfg, ByteTokenizer(), SEQ, 0, 4, 0)
     assert len(train) >= 4 and os.listdir(tmp_path / "idx")
+
+
+def test_data_prepared_with_another_tokenizer_is_refused(tmp_path, data_cfg_factory):
+    from msa_train.data.indexed import IndexedWriter
+
+    with IndexedWriter(str(tmp_path / "hf"), 50_000, 0,
+                       {"type": "huggingface", "name_or_path": "x", "vocab_size": 50_000,
+                        "eod": 0}) as w:
+        for _ in range(10):
+            w.add([5, 6, 7, 40_000])
+    cfg = data_cfg_factory(source="indexed", paths=[str(tmp_path / "hf")])
+    with pytest.raises(DataConfigError, match=r"data.paths\[0\]=.*huggingface tokenizer"):
+        validate_data_config(cfg)
+    with IndexedWriter(str(tmp_path / "b"), 300, 299) as w:  # same type, other vocabulary
+        w.add([1, 2, 3])
+    cfg = data_cfg_factory(source="indexed", paths=[str(tmp_path / "b")])
+    with pytest.raises(DataConfigError, match="vocab_size=300 but data.tokenizer gives"):
+        build_datasets(cfg, ByteTokenizer(), 4, 0, 1, 0)
+    with pytest.raises(DataConfigError, match="data.source=stdlib is tokenized byte-level"):
+        validate_data_config(DataConfig(tokenizer=TokenizerConfig("huggingface", "x")))

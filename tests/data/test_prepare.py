@@ -45,6 +45,9 @@ def test_text_directory_round_trip(tmp_path):
     assert (summary.documents, summary.skipped_empty) == (3, 1)
     assert summary.tokens == sum(len(t.encode()) + 1 for t in expected)
     assert not [p for p in os.listdir(tmp_path / "out") if ".tmp" in p]
+    meta = json.load(open(out + ".meta.json"))
+    assert meta["tokenizer"] == {"type": "byte", "vocab_size": 257, "eod": 256}
+    assert meta["documents"] == 3
 
 
 def test_pattern_filters_directory_files(tmp_path):
