@@ -46,6 +46,7 @@ class ClusterConfig:
 
     name: str = "local"
     gpus_per_node: int = 8
+    gpu_memory_gib: Optional[float] = 80.0  # per GPU; the dry run checks its estimate against it
     # Wall-time limit in seconds counted from process start; null = use MSA_JOB_END_TIME / SLURM
     # (or no limit on a workstation).
     walltime_s: Optional[float] = None

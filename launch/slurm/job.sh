@@ -12,7 +12,7 @@
 # Environment knobs (all optional):
 #   MSA_RUN_NAME  MSA_SAVE_DIR  MSA_RUN_DIR  MSA_LOG_DIR     where things go (default under the repo)
 #   MSA_CLUSTER           preset in configs/cluster (default: the recipe's)
-#   MSA_INIT_FROM         CPT: the dense checkpoint to convert (required unless the run resumes)
+#   MSA_INIT_FROM         CPT: the dense checkpoint to convert (required, also on restarts)
 #   MSA_RDZV_PORT         c10d port on the first node (default 29500)
 #   MSA_MAX_REQUEUES (default 100)  MSA_MAX_STALLED_REQUEUES (default 1)
 #   MSA_LAUNCH_DRY_RUN=1  print the srun/torchrun command and exit (no GPUs needed)
@@ -92,11 +92,11 @@ msa_slurm_main() {
   local overrides=("experiment=$MSA_RECIPE_EXPERIMENT" "name=$name" "run_dir=$run_dir"
                    "checkpoint.save=$save")
   if [[ ${MSA_RECIPE_NEEDS_INIT_FROM:-0} == 1 && -z $(msa_override_value checkpoint.init_from "$@") ]]; then
-    if [[ -n ${MSA_INIT_FROM:-} ]]; then
-      overrides+=("checkpoint.init_from=$MSA_INIT_FROM")
-    elif [[ $(msa_latest_iteration "$save") == 0 ]]; then
+    # Needed on every restart too (the experiment declares it mandatory); the trainer ignores it
+    # once checkpoint.save holds a checkpoint to resume from.
+    [[ -n ${MSA_INIT_FROM:-} ]] ||
       msa_die "this recipe converts a dense checkpoint: set MSA_INIT_FROM=<dense checkpoint dir> (or pass checkpoint.init_from=...)"
-    fi
+    overrides+=("checkpoint.init_from=$MSA_INIT_FROM")
   fi
 
   local torchrun_cmd=(torchrun

@@ -89,7 +89,7 @@ def test_slurm_builds_one_torchrun_per_node_with_c10d_at_first_node(fake_slurm, 
     assert "--rdzv-id=4242-0" in torchrun
     mod = torchrun.index("-m")
     assert torchrun[mod + 1] == "msa_train.train"
-    assert torchrun[mod + 2:] == ["experiment=pt_109b", "name=pt_109b", f"run_dir={tmp_path}/run",
+    assert torchrun[mod + 2:] == ["experiment=msa_109b_pt", "name=msa_109b_pt", f"run_dir={tmp_path}/run",
                                   f"checkpoint.save={tmp_path}/save", "train.lr=1e-4"]
 
 
@@ -102,7 +102,7 @@ def test_cpt_requires_the_dense_checkpoint(fake_slurm, tmp_path):
     out = subprocess.run(["bash", str(REPO / "launch/slurm/cpt_109b.sbatch")], env=env,
                          capture_output=True, text=True, check=True).stdout
     assert "checkpoint.init_from=/ckpt/dense" in shlex.split(out)
-    assert "experiment=cpt_109b" in shlex.split(out)
+    assert "experiment=msa_109b_cpt" in shlex.split(out)
 
 
 def test_slurm_requeues_after_progress_and_exports_end_time(fake_slurm, tmp_path):
