@@ -227,6 +227,122 @@ def _kl_sparse_dk_kernel(
     _store_dk(DK, k_rows, k_ok, r, dk * iscale, stride_dkh, stride_dkt, DI, DIP, ATOMIC)
 
 
+@triton.jit
+def _kl_kv_student_max_kernel(
+    QI, KI, QK_ROWS, TOKENS, UNIT_GROUP, UNIT_ROW, UNIT_BEGIN, UNIT_END, MX, Tk, iscale,
+    stride_qit, stride_qih, stride_kit, stride_st,
+    DI: tl.constexpr, DIP: tl.constexpr, TM: tl.constexpr, BK: tl.constexpr, BKP: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Pass 1 of the KV-outer forward: per (group, query) max student logit, by fp32 atomic max."""
+    unit = tl.program_id(0)
+    r = tl.load(UNIT_GROUP + unit).to(tl.int64)
+    blk = tl.load(UNIT_ROW + unit).to(tl.int64)
+    beg = tl.load(UNIT_BEGIN + unit)
+    end = tl.load(UNIT_END + unit)
+    offs_n = tl.arange(0, BKP).to(tl.int64)
+    k_rows = blk + offs_n
+    k_ok = (offs_n < BK) & (k_rows < Tk)
+    offs_e = tl.arange(0, DIP)
+    e_ok = offs_e < DI
+    ki = tl.load(KI + k_rows[:, None] * stride_kit + offs_e[None, :],
+                 mask=k_ok[:, None] & e_ok[None, :], other=0.0)  # [BKP, DIP]
+    for e0 in range(beg, end, TM):
+        idx = e0 + tl.arange(0, TM)
+        ok = idx < end
+        q_rows = tl.load(TOKENS + idx, mask=ok, other=0).to(tl.int64)
+        qk_rows = tl.load(QK_ROWS + q_rows, mask=ok, other=-1).to(tl.int64)
+        qi = tl.load(QI + q_rows[:, None] * stride_qit + r * stride_qih + offs_e[None, :],
+                     mask=ok[:, None] & e_ok[None, :], other=0.0)
+        t = tl.dot(qi, tl.trans(ki), input_precision=PRECISION) * iscale
+        mask = ok[:, None] & k_ok[None, :] & (k_rows[None, :] <= qk_rows[:, None])
+        mx = tl.max(tl.where(mask, t, float("-inf")), 1)
+        tl.atomic_max(MX + r * stride_st + q_rows, mx, mask=ok & (mx > float("-inf")))
+
+
+@triton.jit
+def _kl_kv_fwd_kernel(
+    Q, K, LSE, QI, KI, QK_ROWS, TOKENS, UNIT_GROUP, UNIT_ROW, UNIT_BEGIN, UNIT_END,
+    MX, L, PSUM, PLOGP, PT, Tk, scale, iscale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, stride_lh,
+    stride_qit, stride_qih, stride_kit, stride_st,
+    G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+    TM: tl.constexpr, BK: tl.constexpr, BKP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Pass 2 of the KV-outer forward: additive KL statistics per (group, query), by fp32 atomics.
+
+    With the per-row max M from pass 1, sum exp(t - M), sum P, sum P log P and sum P t are plain sums
+    over the row's blocks, so every (block, query) tile adds its share independently.
+    """
+    unit = tl.program_id(0)
+    r = tl.load(UNIT_GROUP + unit).to(tl.int64)
+    blk = tl.load(UNIT_ROW + unit).to(tl.int64)
+    beg = tl.load(UNIT_BEGIN + unit)
+    end = tl.load(UNIT_END + unit)
+    offs_n = tl.arange(0, BKP).to(tl.int64)
+    k_rows = blk + offs_n
+    k_ok = (offs_n < BK) & (k_rows < Tk)
+    for e0 in range(beg, end, TM):
+        idx = e0 + tl.arange(0, TM)
+        ok = idx < end
+        q_rows = tl.load(TOKENS + idx, mask=ok, other=0).to(tl.int64)
+        qk_rows = tl.load(QK_ROWS + q_rows, mask=ok, other=-1).to(tl.int64)
+        p, t, qi, ki, mask = _teacher_student_tile(
+            Q, K, LSE, QI, KI, q_rows, ok, qk_rows, k_rows, k_ok, r, scale, iscale,
+            stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, stride_lh,
+            stride_qit, stride_qih, stride_kit, G, D, DP, DI, DIP, PRECISION)
+        mx = tl.load(MX + r * stride_st + q_rows, mask=ok, other=0.0)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        e = tl.exp(t - mx[:, None])  # 0 off support
+        plogp = tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0)
+        rows = r * stride_st + q_rows
+        tl.atomic_add(L + rows, tl.sum(e, 1), mask=ok)
+        tl.atomic_add(PSUM + rows, tl.sum(p, 1), mask=ok)
+        tl.atomic_add(PLOGP + rows, tl.sum(plogp, 1), mask=ok)
+        tl.atomic_add(PT + rows, tl.sum(p * tl.where(mask, t, 0.0), 1), mask=ok)
+
+
+@triton.jit
+def _kl_kv_bwd_kernel(
+    Q, K, LSE, QI, KI, LSES, PSUM, QK_ROWS, TOKENS, UNIT_GROUP, UNIT_ROW, UNIT_BEGIN, UNIT_END,
+    DQ, DK, Tk, scale, iscale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, stride_lh,
+    stride_qit, stride_qih, stride_kit, stride_st, stride_dqt, stride_dqh, stride_dkt,
+    G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+    TM: tl.constexpr, BK: tl.constexpr, BKP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """KV-outer backward: dk_idx of the unit's block in registers, dq_idx rows by fp32 atomics."""
+    unit = tl.program_id(0)
+    r = tl.load(UNIT_GROUP + unit).to(tl.int64)
+    blk = tl.load(UNIT_ROW + unit).to(tl.int64)
+    beg = tl.load(UNIT_BEGIN + unit)
+    end = tl.load(UNIT_END + unit)
+    offs_n = tl.arange(0, BKP).to(tl.int64)
+    k_rows = blk + offs_n
+    k_ok = (offs_n < BK) & (k_rows < Tk)
+    offs_e = tl.arange(0, DIP)
+    e_ok = offs_e < DI
+    dk = tl.zeros([BKP, DIP], tl.float32)
+    for e0 in range(beg, end, TM):
+        idx = e0 + tl.arange(0, TM)
+        ok = idx < end
+        q_rows = tl.load(TOKENS + idx, mask=ok, other=0).to(tl.int64)
+        qk_rows = tl.load(QK_ROWS + q_rows, mask=ok, other=-1).to(tl.int64)
+        p, t, qi, ki, mask = _teacher_student_tile(
+            Q, K, LSE, QI, KI, q_rows, ok, qk_rows, k_rows, k_ok, r, scale, iscale,
+            stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, stride_lh,
+            stride_qit, stride_qih, stride_kit, G, D, DP, DI, DIP, PRECISION)
+        lse_t = tl.load(LSES + r * stride_st + q_rows, mask=ok, other=0.0)
+        psum = tl.load(PSUM + r * stride_st + q_rows, mask=ok, other=0.0)
+        ds = (tl.exp(t - lse_t[:, None]) * psum[:, None] - p).to(qi.dtype)  # [TM, BKP]
+        dk += tl.dot(tl.trans(ds), qi, input_precision=PRECISION)
+        dq = tl.dot(ds, ki, input_precision=PRECISION) * iscale  # [TM, DIP]
+        tl.atomic_add(DQ + q_rows[:, None] * stride_dqt + r * stride_dqh + offs_e[None, :], dq,
+                      mask=ok[:, None] & e_ok[None, :])
+    tl.atomic_add(DK + k_rows[:, None] * stride_dkt + offs_e[None, :], dk * iscale,
+                  mask=k_ok[:, None] & e_ok[None, :])
+
+
 # ----------------------------------------------------------------------------------------------
 # Dense warmup stage
 # ----------------------------------------------------------------------------------------------
@@ -450,7 +566,84 @@ def _sparse_dk(q, k, lse, q_idx, k_idx, lses, psum, qk_rows, blk_rows, block_siz
     return dk.sum(0)
 
 
+_KV_CHUNK = 256  # queries per KV unit: bounds the tail of blocks picked by every query (block 0)
+
+
+def _kv_units(topk_idx, layout, block_size, chunk):
+    blk_rows = block_key_rows(topk_idx, layout, block_size)  # [Hkv, T, K] int64
+    return build_kv_units(blk_rows, chunk), query_key_rows(layout)
+
+
+def _kv_forward(q, k, lse, q_idx, k_idx, units, qk_rows, block_size, scale, iscale):
+    """Atomic KV-outer forward: per (group, query) KL, student LSE and teacher mass [Hkv, T]."""
+    t, hq, hkv, d, di, g = _check_kernel_limits(q, k, q_idx, k_idx)
+    dev = q.device
+    mx = torch.full((hkv, t), float("-inf"), dtype=torch.float32, device=dev)
+    stats = torch.zeros((4, hkv, t), dtype=torch.float32, device=dev)  # l, psum, plogp, pt
+    if units.num_units:
+        common = dict(DI=di, DIP=pow2_at_least_16(di), TM=16, BK=block_size,
+                      BKP=pow2_at_least_16(block_size), PRECISION=dot_precision(q.dtype),
+                      num_warps=4, num_stages=2)
+        sched = (units.tokens, units.unit_group, units.unit_block_row, units.unit_begin, units.unit_end)
+        _kl_kv_student_max_kernel[(units.num_units,)](
+            q_idx, k_idx, qk_rows, *sched, mx, k.shape[0], iscale,
+            q_idx.stride(0), q_idx.stride(1), k_idx.stride(0), mx.stride(0), **common)
+        _kl_kv_fwd_kernel[(units.num_units,)](
+            q, k, lse, q_idx, k_idx, qk_rows, *sched, mx, stats[0], stats[1], stats[2], stats[3],
+            k.shape[0], scale, iscale, *_strides(q, k, lse, q_idx, k_idx), mx.stride(0),
+            G=g, D=d, DP=pow2_at_least_16(d), **common)
+    l, psum, plogp, pt = stats.unbind(0)
+    has = l > 0
+    lses = torch.where(has, mx + torch.log(torch.where(has, l, torch.ones_like(l))), torch.zeros_like(l))
+    kl = plogp - pt + lses * psum
+    return kl, lses.contiguous(), psum.contiguous()
+
+
+def _kv_backward(q, k, lse, q_idx, k_idx, lses, psum, units, qk_rows, block_size, scale, iscale):
+    t, hq, hkv, d, di, g = _check_kernel_limits(q, k, q_idx, k_idx)
+    dq = torch.zeros((t, hkv, di), dtype=torch.float32, device=q.device)
+    dk = torch.zeros((k_idx.shape[0], di), dtype=torch.float32, device=q.device)
+    if units.num_units:
+        _kl_kv_bwd_kernel[(units.num_units,)](
+            q, k, lse, q_idx, k_idx, lses, psum, qk_rows, units.tokens, units.unit_group,
+            units.unit_block_row, units.unit_begin, units.unit_end, dq, dk, k.shape[0], scale, iscale,
+            *_strides(q, k, lse, q_idx, k_idx), lses.stride(0), dq.stride(0), dq.stride(1), dk.stride(0),
+            G=g, D=d, DP=pow2_at_least_16(d), DI=di, DIP=pow2_at_least_16(di), TM=16, BK=block_size,
+            BKP=pow2_at_least_16(block_size), PRECISION=dot_precision(q.dtype), num_warps=4,
+            num_stages=2)
+    return dq, dk
+
+
+class _IndexerKLTritonAtomic(torch.autograd.Function):
+    """Default mode: KV-outer forward and backward (fp32 atomics; no per-query eager buffers)."""
+
+    @staticmethod
+    def forward(ctx, q, k, lse, q_idx, k_idx, topk_idx, layout, block_size, scale, iscale, reduction):
+        chunk = 8 if _interpreting(q.device) else _KV_CHUNK
+        units, qk_rows = _kv_units(topk_idx, layout, block_size, chunk)
+        kl, lses, psum = _kv_forward(q, k, lse, q_idx, k_idx, units, qk_rows, block_size, scale, iscale)
+        norm = _norm(layout, k.shape[1], reduction)
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            ctx.save_for_backward(q, k, lse, q_idx, k_idx, lses, psum, qk_rows)
+            ctx.units = units
+            ctx.args = (block_size, scale, iscale, norm)
+        return (kl.sum(dtype=torch.float64) * norm).to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, lse, q_idx, k_idx, lses, psum, qk_rows = ctx.saved_tensors
+        block_size, scale, iscale, norm = ctx.args
+        dq, dk = _kv_backward(q, k, lse, q_idx, k_idx, lses, psum, ctx.units, qk_rows, block_size,
+                              scale, iscale)
+        coef = grad.float() * norm
+        dq_idx = (dq * coef).to(q_idx.dtype) if ctx.needs_input_grad[3] else None
+        dk_idx = (dk * coef).to(k_idx.dtype) if ctx.needs_input_grad[4] else None
+        return None, None, None, dq_idx, dk_idx, None, None, None, None, None, None
+
+
 class _IndexerKLTriton(torch.autograd.Function):
+    """Deterministic mode: union-tile Q-outer forward (eager dq_idx), per-group dk_idx buffers."""
+
     @staticmethod
     def forward(ctx, q, k, lse, q_idx, k_idx, topk_idx, layout, block_size, scale, iscale, reduction,
                 deterministic):
@@ -485,6 +678,9 @@ def indexer_kl_triton(q, k, lse, q_idx, k_idx, topk_idx, layout: VarlenLayout, *
         raise ValueError(f"block_size={block_size} exceeds the Triton KL tile (<= 256)")
     q, k, q_idx, k_idx = _last_contig(q.detach(), k.detach(), q_idx, k_idx)
     lse = lse.detach().float()
+    if not deterministic:
+        return _IndexerKLTritonAtomic.apply(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size,
+                                            float(scale), float(index_scale), reduction)
     return _IndexerKLTriton.apply(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size, float(scale),
                                   float(index_scale), reduction, bool(deterministic))
 

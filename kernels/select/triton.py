@@ -52,7 +52,7 @@ ensure_interpreter_compat()
 
 # Sentinel block id for an empty top-k slot. Larger than any real block id so that, among -inf
 # entries, an empty slot is always the one evicted first.
-_EMPTY_ID = 1 << 30
+_EMPTY_ID = tl.constexpr(1 << 30)
 
 
 @triton.jit
@@ -72,6 +72,7 @@ def _select_blocks_kernel(
     TOPK: tl.constexpr,
     KPAD: tl.constexpr,
     PRECISION: tl.constexpr,
+    LAZY_INSERT: tl.constexpr,
 ):
     tile = tl.program_id(0)
     r = tl.program_id(1).to(tl.int64)
@@ -130,9 +131,16 @@ def _select_blocks_kernel(
         worst = tl.max(tl.where(is_min, top_i, -1), 1)  # [M]
         # b exceeds every stored id, so an equal score loses the tie: strict comparison.
         take = cand & (m > min_v)
-        put = is_min & (top_i == worst[:, None]) & take[:, None]
-        top_v = tl.where(put, m[:, None], top_v)
-        top_i = tl.where(put, b, top_i)
+        if LAZY_INSERT:
+            # Once the list is warm few blocks enter it: skip the update when no row takes b.
+            if tl.max(take.to(tl.int32), 0) > 0:
+                put = is_min & (top_i == worst[:, None]) & take[:, None]
+                top_v = tl.where(put, m[:, None], top_v)
+                top_i = tl.where(put, b, top_i)
+        else:
+            put = is_min & (top_i == worst[:, None]) & take[:, None]
+            top_v = tl.where(put, m[:, None], top_v)
+            top_i = tl.where(put, b, top_i)
 
     out_base = OUT + r * stride_oh + (q_start + offs_m) * stride_ot  # [M] pointers
     for j in tl.static_range(TOPK):
@@ -180,12 +188,19 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# Tile / pipeline choice on Hopper (see kernels/BENCHMARKS_index.md for the measurements behind it).
+_DEFAULT_CONFIG = dict(block_m=128, num_warps=8, num_stages=3, lazy_insert=True)
+_INTERPRET_CONFIG = dict(block_m=64, num_warps=4, num_stages=1, lazy_insert=True)
+
+
 def select_blocks_triton(q_idx, k_idx, layout, *, block_size: int, topk: int, index_scale: float,
-                         force_sink: bool = False, local_window: int = 0) -> torch.Tensor:
+                         force_sink: bool = False, local_window: int = 0,
+                         _config: dict | None = None) -> torch.Tensor:
     """Per (query, index head) top-k key blocks; contract in msa_kernels.select_blocks.
 
     q_idx [T, Hkv, Di], k_idx [Tk, Di] -> int32 [Hkv, T, topk], -1 padded, local block in the last
-    valid slot; ranked slots sorted by score (desc, ties -> lower id).
+    valid slot; ranked slots sorted by score (desc, ties -> lower id). ``_config`` overrides the
+    tile choice (benchmarks only).
     """
     T, hkv, di = q_idx.shape
     if topk > 128:
@@ -201,7 +216,9 @@ def select_blocks_triton(q_idx, k_idx, layout, *, block_size: int, topk: int, in
     out = torch.empty((hkv, T, topk), dtype=torch.int32, device=q_idx.device)
     if T == 0 or hkv == 0:
         return out
-    block_m = 64 if q_idx.device.type == "cpu" else 128
+    cfg = dict(_DEFAULT_CONFIG if q_idx.is_cuda else _INTERPRET_CONFIG)
+    cfg.update(_config or {})
+    block_m = cfg["block_m"]
     tile_frag, tile_m0 = query_tile_table(layout, block_m, q_idx.device)
     frag = _frag_tables(layout, q_idx.device)
     kpad = max(2, triton.next_power_of_2(max(topk - 1, 1)))
@@ -212,7 +229,7 @@ def select_blocks_triton(q_idx, k_idx, layout, *, block_size: int, topk: int, in
         float(index_scale), int(local_window),
         FORCE_SINK=bool(force_sink), DI=di, DIP=pow2_at_least_16(di), BLOCK_M=block_m,
         BK=block_size, BKP=pow2_at_least_16(block_size), TOPK=topk, KPAD=kpad,
-        PRECISION=dot_precision(q_idx.dtype),
-        num_warps=8 if block_m == 128 else 4, num_stages=3,
+        PRECISION=dot_precision(q_idx.dtype), LAZY_INSERT=cfg["lazy_insert"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
