@@ -82,11 +82,16 @@ def _triton_available() -> bool:
     return True
 
 
-def backend_for(t: torch.Tensor) -> str:
-    """'triton' or 'reference' for an op whose inputs live where ``t`` lives (see module docstring)."""
+def _backend_choice() -> str:
     choice = os.environ.get("MSA_KERNELS_BACKEND", "auto").strip().lower() or "auto"
     if choice not in _BACKENDS:
         raise ValueError(f"MSA_KERNELS_BACKEND must be one of {_BACKENDS}, got {choice!r}")
+    return choice
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """'triton' or 'reference' for an op whose inputs live where ``t`` lives (see module docstring)."""
+    choice = _backend_choice()
     if choice == "auto":
         return "triton" if t.is_cuda and _triton_available() else "reference"
     return choice
@@ -114,14 +119,14 @@ def _load_triton(module: str, fn: str, *, forced: bool):
 
 
 def _dispatch(anchor: torch.Tensor, module: str, fn: str):
-    backend = backend_for(anchor)
-    if backend == "reference":
+    """The Triton entry point to run, or None for the reference."""
+    if backend_for(anchor) == "reference":
         return None
-    forced = not anchor.is_cuda  # auto only picks Triton for CUDA tensors
-    if forced and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    forced = _backend_choice() == "triton"
+    if not anchor.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise RuntimeError("MSA_KERNELS_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 (set before "
                            "importing triton); unset MSA_KERNELS_BACKEND to run the reference")
-    return _load_triton(module, fn, forced=os.environ.get("MSA_KERNELS_BACKEND", "").strip().lower() == "triton")
+    return _load_triton(module, fn, forced=forced)
 
 
 def _scale(value: Optional[float], dim: int, name: str) -> float:

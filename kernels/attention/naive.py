@@ -41,11 +41,15 @@ def causal_mask(pos: torch.Tensor, key_len: int) -> torch.Tensor:
 
 
 def support_mask(topk_idx: torch.Tensor, pos: torch.Tensor, key_len: int, block_size: int) -> torch.Tensor:
-    """bool [Hkv, c, Lk]: S(i, r) = tokens j <= pos of the blocks in topk_idx [Hkv, c, k] (-1 ignored)."""
+    """bool [Hkv, c, Lk]: S(i, r) = tokens j <= pos of the blocks in topk_idx [Hkv, c, k] (-1 ignored).
+
+    key_len may stop short of the sequence (at the chunk's last position + 1): ids past it name blocks
+    no query of the chunk can see, so they are dropped like -1.
+    """
     hkv, c, _ = topk_idx.shape
     nb = -(-key_len // block_size)
     ids = topk_idx.long()
-    ids = torch.where(ids < 0, torch.full_like(ids, nb), ids)  # -1 -> a spare column dropped below
+    ids = torch.where((ids < 0) | (ids >= nb), torch.full_like(ids, nb), ids)  # -> spare column, dropped
     picked = torch.zeros(hkv, c, nb + 1, dtype=torch.bool, device=topk_idx.device)
     picked.scatter_(-1, ids, True)
     tok = picked[..., :nb].repeat_interleave(block_size, dim=-1)[..., :key_len]  # [Hkv, c, Lk]
@@ -67,14 +71,18 @@ def check_topk_ids(topk_idx: torch.Tensor, layout: VarlenLayout, block_size: int
 
 
 def iter_chunks(layout: VarlenLayout, heads: int) -> Iterator[Tuple[Fragment, slice, slice, torch.Tensor]]:
-    """(fragment, query rows, key rows, positions [c] int64) for every query chunk of every fragment."""
+    """(fragment, query rows, key rows, positions [c] int64) for every query chunk of every fragment.
+
+    The key rows stop at the chunk's last visible position: later keys are masked for every query of
+    the chunk, so leaving them out is exact and halves the causal work.
+    """
     for frag in layout:
         if frag.q_len == 0:
             continue
-        keys = slice(frag.k_start, frag.k_start + frag.k_len)
         for a, b in _layout.query_chunks(frag, heads * max(frag.k_len, 1), layout.device):
             pos = torch.arange(frag.pos_offset + a, frag.pos_offset + b, device=layout.device,
                                dtype=torch.int64)
+            keys = slice(frag.k_start, frag.k_start + frag.pos_offset + b)
             yield frag, slice(frag.q_start + a, frag.q_start + b), keys, pos
 
 

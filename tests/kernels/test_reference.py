@@ -557,3 +557,27 @@ def test_forced_triton_backend_passes_the_layout_and_options(monkeypatch):
     layout, opts = calls["select"]
     assert isinstance(layout, mk.VarlenLayout) and layout.total_q == 10 and layout.is_self
     assert opts == dict(block_size=4, topk=3, index_scale=0.5, force_sink=False, local_window=1)
+
+
+def test_future_block_ids_are_ignored_in_chunks(monkeypatch):
+    # Ids of blocks after the query's local block are legal but contribute nothing; each chunk sees
+    # only keys up to its last position, so such ids exceed the chunk's block count.
+    monkeypatch.setattr(mk_layout, "REFERENCE_CHUNK_ELEMENTS", 100)
+    g = _gen(23)
+    lens = [19, 14]
+    cu = cu_seqlens_of(lens)
+    q, k, v = _randn(33, 4, 8, gen=g), _randn(33, 2, 8, gen=g), _randn(33, 2, 8, gen=g)
+    idx = torch.full((2, 33, 6), -1, dtype=torch.int32)
+    idx[:, :19, :5] = torch.arange(5, dtype=torch.int32)  # every block of sequence 0, ...
+    idx[:, 19:, :4] = torch.tensor([3, 1, 0, 2], dtype=torch.int32)  # ... and of sequence 1
+    _check_attention(q, k, v, idx, cu, 4, g=g)
+    qi, ki = _randn(33, 2, 4, gen=g, grad=True), _randn(33, 4, gen=g, grad=True)
+    _, lse = mk.sparse_attention(q, k, v, idx, cu, 4)
+    kl = mk.indexer_kl(q, k, lse, qi, ki, idx, cu, 4)
+    kl.backward()
+    qi2, ki2 = _leaf(qi.double()), _leaf(ki.double())
+    want = brute_kl(q, k, lse, qi2, ki2, selection_mask(idx, cu, 33, 4))
+    want.backward()
+    assert_close(kl, want, "kl", atol=1e-6, rtol=1e-5)
+    assert_close(qi.grad, qi2.grad, "dq_idx", atol=1e-6, rtol=1e-4)
+    assert_close(ki.grad, ki2.grad, "dk_idx", atol=1e-6, rtol=1e-4)
