@@ -1,0 +1,45 @@
+"""`msa-train` / `python -m msa_train.train`: the Hydra entry point.
+
+With no arguments it trains the embedded tiny_cpu experiment (CPU, both MSA stages). Examples:
+    msa-train experiment=pilot_pt checkpoint.save=/ckpt/pilot
+    msa-train train.max_steps_per_job=5        # stop early; the next run resumes
+    msa-train dry_run=true experiment=msa_109b_pt parallel.world_size=256
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from msa_train.config import register_configs
+
+CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    from msa_train.config import ConfigError
+    from msa_train.data import DataConfigError
+    from msa_train.trainer import CheckpointError, run_training
+
+    try:
+        code = run_training(cfg)
+    except (ConfigError, CheckpointError, DataConfigError) as exc:
+        # A user error, not a crash: the message names the field; no traceback.
+        print(f"msa-train: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if code:
+        sys.exit(code)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

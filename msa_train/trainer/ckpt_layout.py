@@ -1,0 +1,114 @@
+"""On-disk layout of msa-train checkpoints (Megatron's, plus two small files per iteration).
+
+    <save>/latest_checkpointed_iteration.txt      written LAST: a checkpoint exists once it names it
+    <save>/iter_0000100/                          megatron.core.dist_checkpointing (torch_dist)
+    <save>/iter_0000100/run_config.yaml           the resolved config of the run that wrote it
+    <save>/iter_0000100/msa_train_state.json      stage, step, consumed tokens/samples, RNG seeds,
+                                                   data position, wandb run id, versions
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any, Dict, List, Optional
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+STATE_FILENAME = "msa_train_state.json"
+RUN_CONFIG_FILENAME = "run_config.yaml"
+_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path or file is wrong; the message names the config field to change."""
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str) -> Optional[int]:
+    path = os.path.join(root, TRACKER_FILENAME)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path} holds {text!r}, expected an iteration number")
+    return int(text)
+
+
+def has_checkpoint(root: Optional[str]) -> bool:
+    return bool(root) and os.path.isdir(root) and read_tracker(root) is not None
+
+
+def resolve(path: str, field: str) -> str:
+    """A save dir (its latest iteration) or an iter_XXXXXXX dir -> the iteration directory.
+
+    A path that does not exist or holds no checkpoint is an error, never a silent random init.
+    """
+    if not os.path.exists(path):
+        raise CheckpointError(f"{field}={path} does not exist")
+    if _ITER_RE.match(os.path.basename(os.path.normpath(path))) and os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "metadata.json")):
+            raise CheckpointError(f"{field}={path} is not a torch_dist checkpoint (no metadata.json)")
+        return path
+    iteration = read_tracker(path)
+    if iteration is None:
+        raise CheckpointError(
+            f"{field}={path} holds no checkpoint ({TRACKER_FILENAME} is missing); point it at a "
+            "save directory with a finished checkpoint or at one of its iter_XXXXXXX directories"
+        )
+    directory = iteration_dir(path, iteration)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{field}: {path}/{TRACKER_FILENAME} names {directory}, which is missing")
+    return directory
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_tracker(root: str, iteration: int) -> None:
+    write_atomic(os.path.join(root, TRACKER_FILENAME), f"{iteration}\n")
+
+
+def write_state_json(directory: str, state: Dict[str, Any]) -> None:
+    write_atomic(os.path.join(directory, STATE_FILENAME), json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+def read_state_json(directory: str) -> Optional[Dict[str, Any]]:
+    """The msa-train state of a checkpoint; None for checkpoints written by other tools."""
+    path = os.path.join(directory, STATE_FILENAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def list_iterations(root: str) -> List[int]:
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = _ITER_RE.match(name)
+        if match and os.path.isdir(os.path.join(root, name)):
+            found.append(int(match.group(1)))
+    return sorted(found)
+
+
+def prune(root: str, keep_last_k: Optional[int], protect: int) -> List[int]:
+    """Delete all but the newest keep_last_k iterations (never `protect`, the tracked one)."""
+    if keep_last_k is None:
+        return []
+    iterations = list_iterations(root)
+    doomed = [it for it in iterations[: max(0, len(iterations) - keep_last_k)] if it != protect]
+    for it in doomed:
+        shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
+    return doomed

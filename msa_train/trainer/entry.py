@@ -1,0 +1,42 @@
+"""From a composed config to a finished (or requeued) job."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from omegaconf import DictConfig
+
+from msa_train.config.validate import validate_config
+from msa_train.trainer.runtime import env_world_size, init_runtime, shutdown_runtime
+
+
+def _write_run_config(cfg: DictConfig) -> None:
+    from omegaconf import OmegaConf
+
+    from msa_train.trainer.ckpt_layout import RUN_CONFIG_FILENAME, write_atomic
+
+    run_dir = str(cfg.run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    write_atomic(os.path.join(run_dir, RUN_CONFIG_FILENAME), OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def run_training(cfg: DictConfig) -> int:
+    # Fail on bad configs before any process group, model or dataset exists.
+    validate_config(cfg, env_world_size())
+    if cfg.dry_run:
+        from msa_train.dry_run import dry_run
+
+        dry_run(cfg, env_world_size())
+        return 0
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    runtime = init_runtime(cfg.train, cfg.parallel)
+    try:
+        if runtime.rank == 0:
+            # Only rank 0 writes the resolved config (no per-rank or timestamped directories).
+            _write_run_config(cfg)
+        from msa_train.trainer.loop import Trainer
+
+        return Trainer(cfg, runtime).run()
+    finally:
+        shutdown_runtime()

@@ -1,0 +1,125 @@
+"""Weights-only initialization from a checkpoint (checkpoint.init_from).
+
+Two uses: the stage hand-off (stage 2 as its own job starts from stage 1's checkpoint) and the CPT
+conversion, where the checkpoint is a DENSE GQA model without an index branch. Every weight the
+checkpoint and the model share is loaded (shapes must match); parameters the checkpoint lacks are
+allowed only if they belong to the MSA index branch, keep their fresh initialization and are
+reported by name. Anything else that does not line up is an error naming the keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List
+
+import torch
+
+from msa_train.trainer.ckpt_layout import CheckpointError
+from msa_train.trainer.checkpointing import model_state_key, unwrap
+
+log = logging.getLogger(__name__)
+
+# Checkpoint entries that are training state, not model weights.
+_NON_MODEL_PREFIXES = ("optimizer.", "rng_state", "opt_param_scheduler", "progress")
+
+
+@dataclass
+class InitReport:
+    directory: str
+    loaded: List[str] = field(default_factory=list)  # parameter names loaded from the checkpoint
+    added: List[str] = field(default_factory=list)  # index-branch params the checkpoint lacked
+    ignored: List[str] = field(default_factory=list)  # checkpoint index-branch keys the model lacks
+
+    def summary(self) -> str:
+        lines = [f"init_from {self.directory}: loaded {len(self.loaded)} tensors"]
+        if self.added:
+            lines.append(f"  added (freshly initialized, not in the checkpoint): {len(self.added)}")
+            lines.extend(f"    + {name}" for name in self.added)
+        if self.ignored:
+            lines.append(f"  ignored (in the checkpoint, not in this model): {len(self.ignored)}")
+            lines.extend(f"    - {name}" for name in self.ignored)
+        return "\n".join(lines)
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"path": self.directory, "num_loaded": len(self.loaded), "added": self.added,
+                "ignored": self.ignored}
+
+
+def _checkpoint_tensor_shapes(directory: str) -> Dict[str, torch.Size]:
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(directory)
+    return {key: tensor.global_shape for key, tensor in meta.items()
+            if not key.startswith(_NON_MODEL_PREFIXES)}
+
+
+def load_weights(directory: str, chunks, is_index_param: Callable[[str], bool],
+                 field_name: str = "checkpoint.init_from") -> InitReport:
+    """Load model weights only; the optimizer, scheduler and RNG stay fresh."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    shapes = _checkpoint_tensor_shapes(directory)
+    report = InitReport(directory=directory)
+    model_keys = set()
+    for i, chunk in enumerate(chunks):
+        module = unwrap(chunk)
+        sharded = module.sharded_state_dict()
+        absent, wrong_shape = [], []
+        for name, value in list(sharded.items()):
+            key = getattr(value, "key", None)
+            if key is None:
+                continue
+            model_keys.add(key)
+            if isinstance(value, ShardedObject):
+                if name.endswith("_extra_state"):
+                    # Extra state (TE/fp8 metadata) is not a weight; a dense checkpoint written
+                    # without it must still load.
+                    if key not in shapes:
+                        del sharded[name]
+                continue
+            if key not in shapes:
+                absent.append(name)
+            elif isinstance(value, ShardedTensor) and tuple(value.global_shape) != tuple(shapes[key]):
+                wrong_shape.append(f"{name}: checkpoint {tuple(shapes[key])} vs model "
+                                   f"{tuple(value.global_shape)}")
+        if wrong_shape:
+            raise CheckpointError(
+                f"{field_name}={directory}: tensor shapes differ from this model (model/ or "
+                f"attention/ config differs from the checkpoint's): {wrong_shape}")
+        not_index = [name for name in absent if not is_index_param(name)]
+        if not_index:
+            raise CheckpointError(
+                f"{field_name}={directory} lacks weights this model needs: {not_index}; only "
+                "MSA index-branch projections may be missing (dense -> MSA conversion)")
+        for name in absent:
+            del sharded[name]
+        with torch.no_grad():
+            loaded = dist_checkpointing.load(sharded, directory,
+                                             strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+            result = module.load_state_dict(loaded, strict=False)
+        unexpected_missing = [k for k in result.missing_keys
+                              if k not in absent and not k.endswith("_extra_state")]
+        if unexpected_missing or result.unexpected_keys:
+            raise CheckpointError(
+                f"{field_name}={directory}: state dict mismatch after loading "
+                f"(missing {unexpected_missing}, unexpected {list(result.unexpected_keys)})")
+        prefix = "" if len(chunks) == 1 else f"{model_state_key(i, len(chunks))}."
+        report.added.extend(prefix + name for name in absent)
+        report.loaded.extend(prefix + name for name in sharded)
+    extra = sorted(key for key in shapes if key not in model_keys)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        # Under PP each rank sees only its own layers' keys: a key is foreign only if no rank has it.
+        gathered: List[set] = [set() for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather_object(gathered, model_keys)
+        everywhere = set().union(*gathered)
+        extra = sorted(key for key in shapes if key not in everywhere)
+    foreign = [key for key in extra if not is_index_param(key)]
+    if foreign:
+        raise CheckpointError(
+            f"{field_name}={directory} holds weights this model has no place for: {foreign}; "
+            "check that model/ matches the checkpoint's model")
+    report.ignored = extra
+    return report

@@ -1,0 +1,346 @@
+"""The training run: resume or initialize, then the stages of this job, step by step.
+
+Start rule (checked by msa_train.config.validate before any compute):
+  checkpoint.save holds a checkpoint   -> full resume from it (model, optimizer, scheduler, RNG,
+                                          data position, stage)
+  else checkpoint.load is set          -> full resume from that directory
+  else checkpoint.init_from is set     -> weights only (stage hand-off or dense -> MSA conversion)
+  else                                 -> random initialization
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from msa_train.trainer import checkpointing, rng
+from msa_train.trainer import ckpt_layout as layout
+from msa_train.trainer.init_from import load_weights
+from msa_train.trainer.progress import Progress, state_json
+from msa_train.trainer.schedule import RunPlan, StagePlan, build_plan
+from msa_train.trainer.setup import StageObjects, build_stage, index_param_predicate
+from msa_train.trainer.step import eval_step, train_step
+
+log = logging.getLogger("msa_train.trainer")
+
+
+def _print0(message: str) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(message, flush=True)
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, runtime):
+        from megatron.core import parallel_state as ps
+
+        self.cfg = cfg
+        self.runtime = runtime
+        self.plan: RunPlan = build_plan(cfg.stage, cfg.train)
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.cp_size = ps.get_context_parallel_world_size()
+        train = cfg.train
+        self.num_microbatches = int(train.global_batch_size) // (int(train.micro_batch_size) * self.dp_size)
+        self.is_logging_rank = (ps.is_pipeline_last_stage(ignore_virtual=True)
+                                and self.dp_rank == 0 and ps.get_tensor_model_parallel_rank() == 0
+                                and ps.get_context_parallel_rank() == 0)
+        self.run_config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        self.save_dir: Optional[str] = cfg.checkpoint.save
+        self.progress = Progress()
+        self.init_report: Optional[Dict] = None
+        self.wandb_run_ids: Dict[str, Optional[str]] = {}
+        self._build_data()
+
+    # -- data ------------------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        from msa_train.data import build_datasets, build_tokenizer, collator_for, padded_vocab_size
+
+        cfg = self.cfg
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size,
+                                            int(cfg.data.tokenizer.make_vocab_size_divisible_by),
+                                            int(cfg.parallel.tp))
+        eval_samples = 0
+        if cfg.train.eval_interval:
+            evals = self.plan.total_steps // int(cfg.train.eval_interval) + 1
+            eval_samples = evals * int(cfg.train.eval_iters) * self.plan.samples_per_step
+        # Always sized for the WHOLE schedule (both stages), so every job layout shuffles alike.
+        self.train_ds, self.valid_ds, _ = build_datasets(
+            cfg.data, self.tokenizer, int(cfg.train.seq_length), int(cfg.train.seed),
+            self.plan.total_samples, eval_samples)
+        self.collator = collator_for(cfg.data, self.tokenizer)
+
+    def _iterators(self, dataset, consumed_samples: int, num_chunks: int):
+        from msa_train.data import build_data_loader, cycle
+
+        def one():
+            loader = build_data_loader(dataset, consumed_samples, int(self.cfg.train.micro_batch_size),
+                                       self.dp_rank, self.dp_size, int(self.cfg.data.num_workers),
+                                       self.collator)
+            return iter(loader) if dataset is self.train_ds else cycle(loader)
+
+        # The interleaved schedule draws from each virtual stage's iterator separately.
+        its = [one() for _ in range(num_chunks)]
+        return its[0] if num_chunks == 1 else its
+
+    # -- start -----------------------------------------------------------------------------------
+    def _resume_dir(self) -> Optional[str]:
+        ck = self.cfg.checkpoint
+        if layout.has_checkpoint(ck.save):
+            return layout.resolve(ck.save, "checkpoint.save")
+        if ck.load:
+            return layout.resolve(ck.load, "checkpoint.load")
+        return None
+
+    def run(self) -> int:
+        from msa_train.lifecycle import LifecycleGuard
+
+        self.guard = LifecycleGuard.from_config(self.cfg.cluster).install()
+        try:
+            return self._run()
+        finally:
+            self.guard.uninstall()
+
+    def _run(self) -> int:
+        resume_dir = self._resume_dir()
+        init_dir = None
+        if resume_dir:
+            saved = layout.read_state_json(resume_dir) or {}
+            self.progress = Progress.from_dict(saved.get("progress", {}))
+            self.wandb_run_ids = dict(saved.get("wandb_run_ids", {}))
+            self.init_report = saved.get("init_from")
+            _print0(f"resume: {resume_dir} (step {self.progress.iteration}, stage "
+                    f"{self.progress.stage}, {self.progress.consumed_samples} samples)")
+        elif self.cfg.checkpoint.init_from:
+            init_dir = layout.resolve(self.cfg.checkpoint.init_from, "checkpoint.init_from")
+            saved = layout.read_state_json(init_dir)
+            if saved and self.cfg.checkpoint.init_continue_data:
+                # Stage hand-off: keep counting where the previous job stopped.
+                prev = Progress.from_dict(saved.get("progress", {}))
+                self.progress = Progress(iteration=prev.iteration, consumed_samples=prev.consumed_samples)
+        first_stage = self.plan.job_stages[0]
+        if not resume_dir and self.progress.iteration < first_stage.start_step:
+            # Separate stage job without a hand-off position: start at the stage boundary.
+            self.progress = Progress(iteration=first_stage.start_step,
+                                     consumed_samples=first_stage.start_step * self.plan.samples_per_step)
+        if self.progress.iteration >= self.plan.job_end_step:
+            _print0(f"nothing to do: step {self.progress.iteration} >= this job's last step "
+                    f"{self.plan.job_end_step} (checkpoint.save already holds the finished run)")
+            return 0
+
+        objs: Optional[StageObjects] = None
+        for stage in self.plan.job_stages:
+            if self.progress.iteration >= stage.end_step:
+                continue
+            objs = self._start_stage(stage, objs, resume_dir, init_dir)
+            resume_dir = init_dir = None
+            code = self._train_stage(stage, objs)
+            if code is not None:
+                return code
+        self._finish()
+        return 0
+
+    def _start_stage(self, stage: StagePlan, prev: Optional[StageObjects], resume_dir: Optional[str],
+                     init_dir: Optional[str]) -> StageObjects:
+        rng.seed_everything(int(self.cfg.train.seed), stage.index)
+        init_weights = None
+        if resume_dir is None and prev is not None:
+            prev_states = [checkpointing.unwrap(c).state_dict() for c in prev.chunks]
+
+            def init_weights(chunks: List[torch.nn.Module]) -> None:
+                with torch.no_grad():
+                    for chunk, state in zip(chunks, prev_states):
+                        chunk.load_state_dict(state, strict=True)
+        elif resume_dir is None and init_dir is not None:
+            def init_weights(chunks: List[torch.nn.Module]) -> None:
+                report = load_weights(init_dir, chunks, index_param_predicate(chunks))
+                _print0(report.summary())
+                self.init_report = report.to_dict()
+        if prev is not None:
+            del prev  # free the previous stage's grad buffers and optimizer state first
+        objs = build_stage(self.cfg, self.runtime, stage, self.vocab_size, init_weights)
+        if resume_dir is not None:
+            saved = layout.read_state_json(resume_dir) or {}
+            checkpointing.load(resume_dir, objs.chunks, objs.optimizer, objs.scheduler,
+                               saved.get("world_size"))
+        self.progress.stage = stage.name
+        _print0(f"stage {stage.name}: attention={stage.mode} trainable={stage.trainable} "
+                f"({objs.trainable_params:,} trainable / {objs.frozen_params:,} frozen params on "
+                f"rank 0), steps {stage.start_step}->{stage.end_step}, "
+                f"{stage.steps * self.plan.tokens_per_step:,} tokens")
+        return objs
+
+    # -- the stage loop --------------------------------------------------------------------------
+    def _new_logger(self, stage: StagePlan):
+        from msa_train.metrics.logger import MetricsLogger
+
+        logger = MetricsLogger(
+            self.cfg.logging, str(self.cfg.run_dir), run_id=self.wandb_run_ids.get(stage.mode),
+            is_logging_rank=self.is_logging_rank, group=str(self.cfg.name), job_type=stage.mode,
+            total_steps=self.plan.total_steps,
+            wandb_config=OmegaConf.to_container(self.cfg, resolve=True))
+        return logger
+
+    def _train_stage(self, stage: StagePlan, objs: StageObjects) -> Optional[int]:
+        from msa_train.metrics import keys
+        from msa_train.metrics.progress import RunProgress
+
+        cfg = self.cfg
+        train_iter = self._iterators(self.train_ds, self.progress.consumed_samples, len(objs.chunks))
+        logger = self._new_logger(stage)
+        self.wandb_run_ids[stage.mode] = logger.wandb_run_id
+        meter = self._throughput_meter(stage)
+        seq = int(cfg.train.seq_length)
+        progress_meter = RunProgress(self.plan.total_steps * self.plan.tokens_per_step,
+                                     start_tokens=self.progress.consumed_samples * seq)
+        max_steps = cfg.train.max_steps_per_job
+        job_steps = 0
+        try:
+            while self.progress.iteration < stage.end_step:
+                t0 = time.perf_counter()
+                result = train_step(
+                    objs.chunks, objs.optimizer, objs.scheduler, objs.config, train_iter,
+                    num_microbatches=self.num_microbatches, seq_length=seq,
+                    micro_batch_size=int(cfg.train.micro_batch_size),
+                    global_batch_size=int(cfg.train.global_batch_size),
+                    device=self.runtime.device, cp_size=self.cp_size)
+                self.progress.advance(self.plan.samples_per_step)
+                job_steps += 1
+                step = self.progress.iteration
+                kl = _kl_metrics()
+                moe = _moe_metrics(objs.config)
+                seconds = time.perf_counter() - t0
+                self.guard.note_step_time(seconds)
+                if logger.should_log(step) or step == stage.end_step:
+                    metrics = {keys.LM_LOSS: result.lm_loss, keys.GRAD_NORM: result.grad_norm,
+                               keys.LR: result.lr, keys.STEP_TIME_S: seconds}
+                    if kl:
+                        from msa_train.model.kl_tracker import mean_kl
+
+                        metrics[keys.INDEXER_KL] = mean_kl(kl)
+                        if getattr(cfg.logging, "per_layer_kl", False):
+                            metrics.update({keys.indexer_kl_layer(k - 1): v for k, v in kl.items()})
+                    metrics.update(moe)
+                    tokens = self.progress.consumed_samples * seq
+                    metrics[keys.CONSUMED_TOKENS] = tokens
+                    metrics.update(progress_meter.update(tokens))
+                    if meter is not None:
+                        metrics.update(meter.rates(tokens=self.plan.tokens_per_step, seconds=seconds))
+                    if result.skipped:
+                        metrics["train/skipped_update"] = 1.0
+                    logger.log(step, metrics)
+                if cfg.train.eval_interval and step % int(cfg.train.eval_interval) == 0:
+                    self._evaluate(objs, logger, step)
+                stage_done = step == stage.end_step
+                job_done = max_steps is not None and job_steps >= int(max_steps) and not stage_done
+                stop = self.guard.should_stop_all(self.runtime.device)
+                interval = cfg.checkpoint.save_interval
+                if self.save_dir and (
+                        (interval and step % int(interval) == 0)
+                        or (stage_done and cfg.checkpoint.save_at_stage_end)
+                        or job_done or stop):
+                    self._save(objs)
+                if stop:
+                    return self._requeue()
+                if job_done:
+                    _print0(f"stopping after {job_steps} steps (train.max_steps_per_job); "
+                            "run again to resume")
+                    return 0
+        finally:
+            self.wandb_run_ids[stage.mode] = logger.wandb_run_id or self.wandb_run_ids.get(stage.mode)
+            logger.close()
+        self.last_objs = objs
+        return None
+
+    def _throughput_meter(self, stage: StagePlan):
+        from msa_train.metrics.flops import FlopsPerToken, ThroughputMeter
+        from msa_train.metrics.peaks import resolve_peak_tflops
+
+        try:
+            flops = FlopsPerToken.for_model(OmegaConf.to_object(self.cfg.model),
+                                            OmegaConf.to_object(self.cfg.attention),
+                                            int(self.cfg.train.seq_length), stage.mode)
+        except ImportError:
+            flops = None
+        peak = resolve_peak_tflops(self.cfg.logging.peak_tflops) if self.runtime.is_cuda else None
+        return ThroughputMeter(num_gpus=self.runtime.world_size, flops=flops, peak_tflops=peak)
+
+    def _evaluate(self, objs: StageObjects, logger, step: int) -> None:
+        if self.valid_ds is None:
+            return
+        iters = int(self.cfg.train.eval_iters)
+        # Validation always reads the same first batches, so its curve compares across steps.
+        it = self._iterators(self.valid_ds, 0, len(objs.chunks))
+        losses = [eval_step(objs.chunks, it, num_microbatches=self.num_microbatches,
+                            seq_length=int(self.cfg.train.seq_length),
+                            micro_batch_size=int(self.cfg.train.micro_batch_size),
+                            device=self.runtime.device, cp_size=self.cp_size) for _ in range(iters)]
+        _kl_metrics()  # drop the KL the validation forward passes recorded
+        if losses and losses[0] is not None:
+            logger.log(step, {"valid/lm_loss": sum(losses) / len(losses)})
+
+    # -- checkpoints and exit --------------------------------------------------------------------
+    def _save(self, objs: StageObjects) -> None:
+        p = self.progress
+        directory = checkpointing.save(
+            self.save_dir, p.iteration, objs.chunks, objs.optimizer, objs.scheduler, p.to_dict(),
+            state_json(self.cfg, self.plan, p, self.wandb_run_ids, self.init_report,
+                       self.runtime.world_size),
+            self.run_config_yaml, self.cfg.checkpoint.keep_last_k)
+        _print0(f"saved checkpoint {directory}")
+
+    def _requeue(self) -> int:
+        from msa_train.lifecycle import REQUEUE_EXIT_CODE, write_requeue_request
+
+        reason = self.guard.stop_reason
+        if torch.distributed.get_rank() == 0 and self.save_dir:
+            write_requeue_request(self.save_dir, reason, self.progress.iteration)
+        _print0(f"stopping at step {self.progress.iteration} ({reason}): exit {REQUEUE_EXIT_CODE} "
+                "asks the launcher to requeue")
+        return REQUEUE_EXIT_CODE
+
+    def _finish(self) -> None:
+        if self.is_logging_rank and getattr(self.cfg.logging, "plot_at_end", False):
+            from msa_train.metrics.jsonl import METRICS_FILENAME
+            from msa_train.metrics.plots import plot_run
+
+            path = os.path.join(str(self.cfg.run_dir), METRICS_FILENAME)
+            if os.path.isfile(path):
+                try:
+                    _print0(f"plot: {plot_run(path)}")
+                except Exception as exc:  # a plot must never fail a finished run
+                    print(f"plot_run failed: {exc}", file=sys.stderr)
+        _print0(f"done: {self.progress.iteration} steps, "
+                f"{self.progress.consumed_samples * int(self.cfg.train.seq_length):,} tokens")
+
+
+def _kl_metrics() -> Dict[int, float]:
+    from msa_train.model.kl_tracker import get_kl_metrics
+
+    return get_kl_metrics(reset=True)
+
+
+def _moe_metrics(config) -> Dict[str, float]:
+    if getattr(config, "num_moe_experts", None) is None:
+        return {}
+    from megatron.core.transformer.moe.moe_utils import (clear_aux_losses_tracker,
+                                                          get_moe_layer_wise_logging_tracker,
+                                                          reduce_aux_losses_tracker_across_ranks)
+    from msa_train.metrics import keys
+
+    reduce_aux_losses_tracker_across_ranks()
+    tracker = get_moe_layer_wise_logging_tracker()
+    out = {}
+    for name, entry in tracker.items():
+        values = entry["values"].float()
+        layers = int((values != 0).sum().item()) or 1
+        if name == "load_balancing_loss":
+            out[keys.MOE_LB_LOSS] = float(values.sum().item()) / layers
+    clear_aux_losses_tracker()
+    return out
