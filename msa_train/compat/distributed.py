@@ -23,12 +23,15 @@ def init_parallel(
     seed: int = 1234,
     backend: Optional[str] = None,
     timeout_minutes: int = 10,
+    create_gloo_process_groups: bool = False,
 ) -> None:
     """Init the default process group (env:// from torchrun, or a 1-process group) and Megatron's
     model-parallel groups, then seed Megatron's RNG tracker.
 
     ``parallel``: dict-like or object with tp, pp, cp, ep, etp (optional), vpp (optional).
     Backend: nccl with CUDA, gloo otherwise (``backend`` overrides).
+    create_gloo_process_groups: extra gloo groups Megatron's distributed-optimizer checkpointing
+    uses with NCCL (pass the same flag as use_gloo_process_groups to get_megatron_optimizer).
     """
     from msa_train.compat.patches import apply
 
@@ -84,7 +87,7 @@ def init_parallel(
         context_parallel_size=cp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
-        create_gloo_process_groups=False,
+        create_gloo_process_groups=create_gloo_process_groups,
         distributed_timeout_minutes=timeout_minutes,
     )
     model_parallel_cuda_manual_seed(seed)

@@ -79,6 +79,28 @@ def _patch_tensor_methods() -> None:
     def record_stream(self, *args, **kwargs):
         return None
 
+    def _new(name):
+        orig = getattr(torch.Tensor, name)
+
+        @functools.wraps(orig)
+        def new(self, *args, **kwargs):
+            return orig(self, *args, **_fix_kwargs(kwargs))
+
+        return new
+
+    for name in ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor"):
+        setattr(torch.Tensor, name, _new(name))
+
+    # Megatron's optimizers dispatch on param.type() == 'torch.cuda.FloatTensor' (and Half/BFloat16).
+    # Only Parameters report the CUDA type name; plain tensors are untouched.
+    orig_type = torch.Tensor.type
+
+    def param_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and not self.is_cuda:
+            return orig_type(self).replace("torch.", "torch.cuda.", 1)
+        return orig_type(self, dtype, non_blocking, **kwargs)
+
+    torch.nn.Parameter.type = param_type
     torch.Tensor.to = to
     torch.Tensor.cuda = cuda
     torch.Tensor.pin_memory = pin_memory
@@ -231,6 +253,38 @@ def _patch_moe_split_sizes() -> None:
         token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
+def _patch_uneven_collectives() -> None:
+    """gloo has no uneven all_gather / reduce_scatter (MoE with expert TP > 1): pad, or reduce
+    the whole tensor and keep this rank's rows."""
+    from megatron.core.tensor_parallel import mappings
+
+    orig_gather = mappings._gather_along_first_dim
+    orig_rs = mappings._reduce_scatter_along_first_dim
+
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return orig_gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        longest = max(sizes)
+        padded = input_.new_zeros((longest,) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return orig_rs(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        sizes = [int(n) for n in input_split_sizes]
+        start = sum(sizes[: group.rank()])
+        return total[start : start + sizes[group.rank()]].clone()
+
+    mappings._gather_along_first_dim = gather
+    mappings._reduce_scatter_along_first_dim = reduce_scatter
+
+
 def apply_always() -> None:
     """Fixes needed on every device when TransformerEngine is absent (idempotent)."""
     global _ALWAYS_APPLIED
@@ -264,4 +318,5 @@ def apply() -> None:
         _patch_megatron_rng()
         _patch_clip_grads()
         _patch_moe_split_sizes()
+        _patch_uneven_collectives()
         _APPLIED = True

@@ -3,7 +3,7 @@ shared index-key head), optional per-head RMSNorm and partial RoPE (MSA_SPEC.md)
 
 Tensor parallel: W_qi is column-parallel, its heads sharded with the rank's GQA groups. W_ki (and
 the index norm weights) are replicated; each rank's KL only covers its own groups, so their
-gradients are all-reduced over TP inside the graph (copy_to_tensor_model_parallel_region), which
+gradients are all-reduced over TP inside the graph (all_reduce_grad), which
 keeps them identical across ranks whether or not sequence parallel is on. Under SP the detached
 input is all-gathered first (no gradient flows back through it).
 """
@@ -16,11 +16,32 @@ import torch
 import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear
-from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-)
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
+
+
+class _AllReduceGrad(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over a group.
+
+    Not Megatron's copy_to_tensor_model_parallel_region: it all-reduces
+    ``grad.contiguous()`` and returns the original grad, which drops the reduction whenever
+    the incoming grad is non-contiguous (it is here: the packing transposes).
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_grad(x: torch.Tensor, group) -> torch.Tensor:
+    return _AllReduceGrad.apply(x, group) if group.size() > 1 else x
 
 
 class MSAIndexer(MegatronModule):
@@ -79,13 +100,10 @@ class MSAIndexer(MegatronModule):
         q_idx = q_idx.view(s, b, self.groups_per_rank, self.index_dim)  # [s, b, Hkv/TP, Di]
         k_idx = F.linear(x, self.weight_ki)  # [s, b, Di]
         if self.q_norm_weight is not None:
-            q_w = self.q_norm_weight
-            if self.tp_size > 1:
-                q_w = copy_to_tensor_model_parallel_region(q_w, group=self.tp_group)
+            q_w = all_reduce_grad(self.q_norm_weight, self.tp_group)
             q_idx = F.rms_norm(q_idx, (self.index_dim,), q_w, self.eps)
             k_idx = F.rms_norm(k_idx, (self.index_dim,), self.k_norm_weight, self.eps)
-        if self.tp_size > 1:
-            k_idx = copy_to_tensor_model_parallel_region(k_idx, group=self.tp_group)
+        k_idx = all_reduce_grad(k_idx, self.tp_group)
         return q_idx, k_idx
 
 
