@@ -62,7 +62,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .layout import VarlenLayout, check_tensor, make_layout
+from .layout import VarlenLayout, cached_layout, check_tensor, make_layout
 
 __all__ = [
     "select_blocks", "sparse_attention", "indexer_kl", "indexer_kl_dense",
@@ -153,7 +153,7 @@ def _check_reduction(reduction: str) -> str:
 def _layout(cu_seqlens, key_starts, key_lens, total_q: int, total_k: int, device) -> VarlenLayout:
     if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {device}")
-    return make_layout(cu_seqlens, key_starts, key_lens, total_keys=total_k, total_queries=total_q)
+    return cached_layout(cu_seqlens, key_starts, key_lens, total_keys=total_k, total_queries=total_q)
 
 
 def _check_main(q, k, name_q="q", name_k="k"):

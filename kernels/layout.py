@@ -17,12 +17,14 @@ tensors (for the Triton kernels) and plain Python tuples (for the reference and 
 """
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Optional, Tuple
 
 import torch
 
-__all__ = ["Fragment", "VarlenLayout", "make_layout", "check_tensor", "query_chunks"]
+__all__ = ["Fragment", "VarlenLayout", "make_layout", "cached_layout", "check_tensor", "query_chunks"]
 
 # fp32 elements of the largest per-chunk score matrix the reference builds ([heads, chunk, key_len]):
 # 16 MiB on CPU keeps long-context runs O(T x chunk) while tiny inputs run in one chunk (tests lower it
@@ -191,6 +193,47 @@ def make_layout(
         max_k_len=max(kl, default=0),
         is_self=key_starts is None,
     )
+
+
+# The ops of one layer (and usually every layer of a step) receive the same offset tensors: caching
+# their layout saves a host sync and three small host-to-device copies per op call.
+_CACHE_SIZE = 8
+_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def _tensor_key(t: Optional[torch.Tensor]):
+    return None if t is None else (id(t), t._version)
+
+
+def _cacheable(*ts: Optional[torch.Tensor]) -> bool:
+    # Inference-mode tensors have no version counter, so an in-place edit could not be detected.
+    return all(t is None or (isinstance(t, torch.Tensor) and not t.is_inference()) for t in ts)
+
+
+def cached_layout(cu_seqlens: torch.Tensor, key_starts: Optional[torch.Tensor] = None,
+                  key_lens: Optional[torch.Tensor] = None, *, total_keys: int,
+                  total_queries: Optional[int] = None) -> VarlenLayout:
+    """:func:`make_layout`, reusing the result while the same, unmodified offset tensors come back.
+
+    Keyed on tensor identity and version counter (in-place edits invalidate), held by weak
+    reference so that a freed tensor whose id is reused never matches.
+    """
+    if not _cacheable(cu_seqlens, key_starts, key_lens):
+        return make_layout(cu_seqlens, key_starts, key_lens, total_keys=total_keys, total_queries=total_queries)
+    key = (_tensor_key(cu_seqlens), _tensor_key(key_starts), _tensor_key(key_lens), total_keys, total_queries)
+    hit = _cache.get(key)
+    if hit is not None:
+        refs, layout = hit
+        if all((r is None and t is None) or (r is not None and r() is t)
+               for r, t in zip(refs, (cu_seqlens, key_starts, key_lens))):
+            _cache.move_to_end(key)
+            return layout
+    layout = make_layout(cu_seqlens, key_starts, key_lens, total_keys=total_keys, total_queries=total_queries)
+    refs = tuple(None if t is None else weakref.ref(t) for t in (cu_seqlens, key_starts, key_lens))
+    _cache[key] = (refs, layout)
+    if len(_cache) > _CACHE_SIZE:
+        _cache.popitem(last=False)
+    return layout
 
 
 def check_tensor(t: torch.Tensor, name: str, shape: Tuple[Optional[int], ...], *,

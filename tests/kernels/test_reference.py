@@ -55,6 +55,19 @@ def test_layout_defaults_and_cp_positions():
     assert [f.pos_offset for f in lay] == [0, 6]
 
 
+def test_cached_layout_reuses_until_the_offsets_change():
+    cu = cu_seqlens_of([5, 7])
+    first = mk_layout.cached_layout(cu, total_keys=12)
+    assert mk_layout.cached_layout(cu, total_keys=12) is first
+    assert mk_layout.cached_layout(cu_seqlens_of([5, 7]), total_keys=12) is not first  # another tensor
+    cu[1] = 6  # in-place edit bumps the version counter
+    again = mk_layout.cached_layout(cu, total_keys=12)
+    assert again is not first and [f.q_len for f in again] == [6, 6]
+    with torch.inference_mode():
+        cu_inf = cu_seqlens_of([3])
+        assert mk_layout.cached_layout(cu_inf, total_keys=3).total_q == 3
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(cu_seqlens=torch.tensor([0, 4], dtype=torch.int64), total_keys=4), "cu_seqlens must have dtype"),
     (dict(cu_seqlens=torch.tensor([1, 4], dtype=torch.int32), total_keys=4), r"cu_seqlens\[0\]"),
