@@ -174,7 +174,8 @@ def _prototype_params(model_cfg, attn_cfg, combos: List[Tuple[int, int]], vocab:
         return out
     finally:
         destroy_parallel()
-        torch.distributed.destroy_process_group()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
