@@ -80,7 +80,7 @@ def compute_recall(
         ranked = mass.masked_fill(block_ids[None, None, :] >= n_vis[:, None, None], -1.0)
         top = ranked.topk(min(topk, nb), dim=-1).indices  # [n, Hkv, min(topk, nb)]
         slot = torch.arange(top.shape[-1], device=q.device)
-        top_ok = slot[None, None, :] < valid[:, None, None]
+        top_ok = (slot[None, None, :] < valid[:, None, None]).expand_as(top)
         main_sel = torch.zeros(len(sel), hkv, nb, dtype=torch.bool, device=q.device)
         main_sel.scatter_(2, top, top_ok)
         idx = topk_idx[:, r_idx, :].permute(1, 0, 2).long()  # [n, Hkv, topk]
