@@ -129,20 +129,24 @@ def check_kl(t_len, hq, hkv, d, di, bs, topk, dtype, dev, dense=False, determini
     qf, kf = q.float(), k.float()
     qif = qi.float().requires_grad_(True)
     kif = ki.float().requires_grad_(True)
+    # fp16 gradients of the MEAN KL are ~1e-8: below fp16's subnormal range, so they flush to zero in
+    # any fp16 implementation (the reference's .to(fp16) too). Training scales the loss; here "sum".
+    red = "sum" if dtype == torch.float16 else "mean"
     if dense:
-        ref = indexer_kl_dense_ref(qf, kf, qif, kif, lay, scale=d ** -0.5, index_scale=di ** -0.5)
+        ref = indexer_kl_dense_ref(qf, kf, qif, kif, lay, scale=d ** -0.5, index_scale=di ** -0.5,
+                                   reduction=red)
     else:
         ref = indexer_kl_ref(qf, kf, lse, qif, kif, idx, lay, block_size=bs, scale=d ** -0.5,
-                             index_scale=di ** -0.5)
+                             index_scale=di ** -0.5, reduction=red)
     gr = torch.autograd.grad(ref, [qif, kif])
     qi2 = qi.clone().requires_grad_(True)
     ki2 = ki.clone().requires_grad_(True)
     if dense:
         out = indexer_kl_dense_triton(q, k, qi2, ki2, lay, scale=d ** -0.5, index_scale=di ** -0.5,
-                                      deterministic=deterministic)
+                                      deterministic=deterministic, reduction=red)
     else:
         out = indexer_kl_triton(q, k, lse, qi2, ki2, idx, lay, block_size=bs, scale=d ** -0.5,
-                                index_scale=di ** -0.5, deterministic=deterministic)
+                                index_scale=di ** -0.5, deterministic=deterministic, reduction=red)
     go = torch.autograd.grad(out, [qi2, ki2])
     out, ref = out.detach(), ref.detach()
     e_kl = abs(float(out) - float(ref)) / max(abs(float(ref)), 1e-12)
@@ -150,7 +154,7 @@ def check_kl(t_len, hq, hkv, d, di, bs, topk, dtype, dev, dense=False, determini
     finite = all(bool(torch.isfinite(x).all()) for x in (out, *go))
     ok = finite and e_kl < 2e-2 and e_dq < 2e-2 and e_dk < 2e-2
     tag = (f"{'kl_dense' if dense else 'kl_sparse'} T={lay.total_q} {hq}/{hkv} D={d} Di={di} Bk={bs} "
-           f"k={topk} {str(dtype)[6:]} det={deterministic}")
+           f"k={topk} {str(dtype)[6:]} det={deterministic} {red}")
     log(f"{'PASS' if ok else 'FAIL'} {tag}: kl={float(out):.5f} ref={float(ref):.5f} rel_kl={e_kl:.2e} "
         f"rel_dq={e_dq:.2e} rel_dk={e_dk:.2e}")
     if not ok:
@@ -191,8 +195,8 @@ def sweep_select(t_len, hkv, di, bs, topk, dev):
     qi = torch.randn(t, hkv, di, device=dev, dtype=torch.bfloat16)
     ki = torch.randn(t, di, device=dev, dtype=torch.bfloat16)
     flops = 2 * di * hkv * causal_pairs([t_len])
-    for cfg in (None, dict(lazy_insert=False), dict(num_stages=4), dict(num_stages=2),
-                dict(block_m=64, num_warps=4), dict(num_warps=4)):
+    for cfg in (None, dict(score_only=True), dict(lazy_insert=True), dict(num_stages=3),
+                dict(num_stages=1), dict(block_m=64, num_warps=4), dict(block_m=64, num_warps=4, num_stages=3)):
         ms = bench(lambda: select_blocks_triton(qi, ki, lay, block_size=bs, topk=topk,
                                                 index_scale=di ** -0.5, _config=cfg))
         log(f"select sweep T={t} Hkv={hkv} cfg={cfg or 'default'}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s")
@@ -204,6 +208,8 @@ def time_select(t_len, hkv, di, bs, topk, dev):
     qi = torch.randn(t, hkv, di, device=dev, dtype=torch.bfloat16)
     ki = torch.randn(t, di, device=dev, dtype=torch.bfloat16)
     ms = bench(lambda: select_blocks_triton(qi, ki, lay, block_size=bs, topk=topk, index_scale=di ** -0.5))
+    ms_score = bench(lambda: select_blocks_triton(qi, ki, lay, block_size=bs, topk=topk, index_scale=di ** -0.5,
+                                                  _config=dict(score_only=True)))
     flops = 2 * di * hkv * causal_pairs(lens)
     # torch.topk baseline over the materialized [Hkv * T, T / Bk] block scores (bf16 GEMM + masked
     # block max + topk), chunked to bound memory at 128K.
@@ -231,7 +237,8 @@ def time_select(t_len, hkv, di, bs, topk, dev):
     RESULTS.append(
         f"| select_blocks | {t // 1024}K | {hkv} | {di} | {bs} | {topk} | {ms:.3f} | {flops / ms / 1e9:.0f} "
         f"| torch.topk only {ms_topk:.3f} ms; einsum+blockmax+topk {ms_full:.3f} ms | "
-        f"{ms_topk / ms:.2f}x / {ms_full / ms:.2f}x |")
+        f"{ms_topk / ms:.2f}x / {ms_full / ms:.2f}x; fused top-k share {ms - ms_score:.3f} ms "
+        f"(score-only kernel {ms_score:.3f} ms) = {ms_topk / max(ms - ms_score, 1e-3):.1f}x faster than torch.topk |")
     log(RESULTS[-1])
 
 
@@ -269,6 +276,28 @@ def time_kl(t_len, hq, hkv, d, di, bs, topk, dev, pattern, deterministic=False):
     log(RESULTS[-1])
 
 
+def sweep_kl(dev):
+    import msa_kernels.kl.triton as klt
+    base = dict(klt.CONFIG)
+    for upd in (dict(), dict(kv_tm=32), dict(kv_tm=16, kv_bwd_warps=4), dict(kv_fwd_warps=8),
+                dict(kv_bwd_warps=4), dict(kv_chunk=1024), dict(stages=3)):
+        klt.CONFIG.clear(); klt.CONFIG.update(base); klt.CONFIG.update(upd)
+        try:
+            time_kl(32768, 64, 8, 128, 128, 128, 16, dev, "realistic")
+            log(f"  ^ kl sweep cfg {upd or 'default'}")
+        except Exception as e:  # a config that does not compile (shared memory) is skipped
+            log(f"kl sweep cfg {upd}: failed {type(e).__name__}: {str(e)[:200]}")
+    for upd in (dict(), dict(dense_bm=128, dense_warps=8), dict(dense_bn=128), dict(dense_warps=8),
+                dict(dense_bm=128, dense_bn=128, dense_warps=8)):
+        klt.CONFIG.clear(); klt.CONFIG.update(base); klt.CONFIG.update(upd)
+        try:
+            time_kl_dense(8192, 64, 8, 128, 128, dev)
+            log(f"  ^ dense sweep cfg {upd or 'default'}")
+        except Exception as e:
+            log(f"dense sweep cfg {upd}: failed {type(e).__name__}: {str(e)[:200]}")
+    klt.CONFIG.clear(); klt.CONFIG.update(base)
+
+
 def time_kl_dense(t_len, hq, hkv, d, di, dev):
     lens = [t_len]
     cu, lay, t = packed(lens, dev)
@@ -291,7 +320,8 @@ def time_kl_dense(t_len, hq, hkv, d, di, dev):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--quick", action="store_true", help="parity only at 8K, fewer timings")
+    ap.add_argument("--quick", action="store_true", help="no 128K timing")
+    ap.add_argument("--sweep", action="store_true", help="also time tile-config variants")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -330,7 +360,10 @@ def main() -> int:
     for t_len in ((8192, 32768) if args.quick else (8192, 32768, 131072)):
         time_select(t_len, 8, 128, 128, 16, dev)
     time_select(32768, 4, 128, 128, 16, dev)
-    sweep_select(32768, 8, 128, 128, 16, dev)
+    if args.sweep:
+        sweep_select(32768, 8, 128, 128, 16, dev)
+    if args.sweep:
+        sweep_kl(dev)
     for pattern in ("realistic", "selected"):
         for det in (False, True):
             time_kl(32768, 64, 8, 128, 128, 128, 16, dev, pattern, deterministic=det)

@@ -473,6 +473,18 @@ def _interpreting(device) -> bool:
     return device.type != "cuda"
 
 
+# Tile choices on Hopper (measurements in kernels/BENCHMARKS_index.md); scripts/gpu_check_index.py
+# sweeps alternatives by editing this dict. The interpreter config keeps CPU tests small and fast.
+CONFIG = dict(kv_tm=64, kv_chunk=256, kv_fwd_warps=4, kv_bwd_warps=8, stages=2,
+              qtile_tm=16, qtile_warps=4, dense_bm=64, dense_bn=64, dense_warps=4)
+INTERPRET_CONFIG = dict(kv_tm=16, kv_chunk=8, kv_fwd_warps=4, kv_bwd_warps=4, stages=1,
+                        qtile_tm=16, qtile_warps=4, dense_bm=16, dense_bn=16, dense_warps=4)
+
+
+def _cfg(device) -> dict:
+    return INTERPRET_CONFIG if _interpreting(device) else CONFIG
+
+
 def _check_kernel_limits(q, k, q_idx, k_idx):
     t, hq, d = q.shape
     hkv = k.shape[1]
@@ -510,16 +522,11 @@ def _dk_buffer(k_idx, hkv: int, deterministic: bool):
     return torch.zeros((groups, k_idx.shape[0], k_idx.shape[1]), dtype=torch.float32, device=k_idx.device)
 
 
-def _sparse_tm(group: int, interpret: bool) -> int:
-    # TM tokens share each loaded K tile across G heads; 16 is the smallest tensor-core M.
-    return 16
-
-
 def _sparse_forward(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size, scale, iscale, want_dq):
     t, hq, hkv, d, di, g = _check_kernel_limits(q, k, q_idx, k_idx)
     dev = q.device
-    interp = _interpreting(dev)
-    tm = _sparse_tm(g, interp)
+    cfg = _cfg(dev)
+    tm = cfg["qtile_tm"]
     blk_rows = block_key_rows(topk_idx, layout, block_size)  # [Hkv, T, K] int64
     sched = build_q_tiles(blk_rows, tm)
     qk_rows = query_key_rows(layout)  # [T] int32
@@ -538,7 +545,8 @@ def _sparse_forward(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size, scale
         dq.stride(0) if want_dq else 0, dq.stride(1) if want_dq else 0,
         sched.block_rows.stride(0), sched.block_rows.stride(1), sched.counts.stride(0),
         G=g, D=d, DP=pow2_at_least_16(d), DI=di, DIP=pow2_at_least_16(di), TM=tm, BK=block_size,
-        BKP=bkp, WANT_DQ=want_dq, PRECISION=prec, num_warps=4, num_stages=2,
+        BKP=bkp, WANT_DQ=want_dq, PRECISION=prec, num_warps=cfg["qtile_warps"],
+        num_stages=cfg["stages"],
     )
     return kl, lses, psum, dq, qk_rows, blk_rows
 
@@ -546,13 +554,13 @@ def _sparse_forward(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size, scale
 def _sparse_dk(q, k, lse, q_idx, k_idx, lses, psum, qk_rows, blk_rows, block_size, scale, iscale,
                deterministic):
     t, hq, hkv, d, di, g = _check_kernel_limits(q, k, q_idx, k_idx)
-    interp = _interpreting(q.device)
-    chunk = 0 if deterministic else (8 if interp else 256)
+    cfg = _cfg(q.device)
+    chunk = 0 if deterministic else cfg["kv_chunk"]
     units = build_kv_units(blk_rows, chunk)
     dk = _dk_buffer(k_idx, hkv, deterministic)
     if units.num_units == 0:
         return dk.sum(0)
-    tm = 16
+    tm = cfg["kv_tm"]
     _kl_sparse_dk_kernel[(units.num_units,)](
         q, k, lse, q_idx, k_idx, lses, psum, qk_rows,
         units.tokens, units.unit_group, units.unit_block_row, units.unit_begin, units.unit_end,
@@ -561,12 +569,9 @@ def _sparse_dk(q, k, lse, q_idx, k_idx, lses, psum, qk_rows, blk_rows, block_siz
         dk.stride(0) if deterministic else 0, dk.stride(1),
         G=g, D=d, DP=pow2_at_least_16(d), DI=di, DIP=pow2_at_least_16(di), TM=tm, BK=block_size,
         BKP=pow2_at_least_16(block_size), ATOMIC=not deterministic, PRECISION=dot_precision(q.dtype),
-        num_warps=4, num_stages=2,
+        num_warps=cfg["kv_bwd_warps"], num_stages=cfg["stages"],
     )
     return dk.sum(0)
-
-
-_KV_CHUNK = 256  # queries per KV unit: bounds the tail of blocks picked by every query (block 0)
 
 
 def _kv_units(topk_idx, layout, block_size, chunk):
@@ -581,9 +586,10 @@ def _kv_forward(q, k, lse, q_idx, k_idx, units, qk_rows, block_size, scale, isca
     mx = torch.full((hkv, t), float("-inf"), dtype=torch.float32, device=dev)
     stats = torch.zeros((4, hkv, t), dtype=torch.float32, device=dev)  # l, psum, plogp, pt
     if units.num_units:
-        common = dict(DI=di, DIP=pow2_at_least_16(di), TM=16, BK=block_size,
+        cfg = _cfg(dev)
+        common = dict(DI=di, DIP=pow2_at_least_16(di), TM=cfg["kv_tm"], BK=block_size,
                       BKP=pow2_at_least_16(block_size), PRECISION=dot_precision(q.dtype),
-                      num_warps=4, num_stages=2)
+                      num_warps=cfg["kv_fwd_warps"], num_stages=cfg["stages"])
         sched = (units.tokens, units.unit_group, units.unit_block_row, units.unit_begin, units.unit_end)
         _kl_kv_student_max_kernel[(units.num_units,)](
             q_idx, k_idx, qk_rows, *sched, mx, k.shape[0], iscale,
@@ -604,13 +610,14 @@ def _kv_backward(q, k, lse, q_idx, k_idx, lses, psum, units, qk_rows, block_size
     dq = torch.zeros((t, hkv, di), dtype=torch.float32, device=q.device)
     dk = torch.zeros((k_idx.shape[0], di), dtype=torch.float32, device=q.device)
     if units.num_units:
+        cfg = _cfg(q.device)
         _kl_kv_bwd_kernel[(units.num_units,)](
             q, k, lse, q_idx, k_idx, lses, psum, qk_rows, units.tokens, units.unit_group,
             units.unit_block_row, units.unit_begin, units.unit_end, dq, dk, k.shape[0], scale, iscale,
             *_strides(q, k, lse, q_idx, k_idx), lses.stride(0), dq.stride(0), dq.stride(1), dk.stride(0),
-            G=g, D=d, DP=pow2_at_least_16(d), DI=di, DIP=pow2_at_least_16(di), TM=16, BK=block_size,
-            BKP=pow2_at_least_16(block_size), PRECISION=dot_precision(q.dtype), num_warps=4,
-            num_stages=2)
+            G=g, D=d, DP=pow2_at_least_16(d), DI=di, DIP=pow2_at_least_16(di), TM=cfg["kv_tm"],
+            BK=block_size, BKP=pow2_at_least_16(block_size), PRECISION=dot_precision(q.dtype),
+            num_warps=cfg["kv_bwd_warps"], num_stages=cfg["stages"])
     return dq, dk
 
 
@@ -619,7 +626,7 @@ class _IndexerKLTritonAtomic(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, lse, q_idx, k_idx, topk_idx, layout, block_size, scale, iscale, reduction):
-        chunk = 8 if _interpreting(q.device) else _KV_CHUNK
+        chunk = _cfg(q.device)["kv_chunk"]
         units, qk_rows = _kv_units(topk_idx, layout, block_size, chunk)
         kl, lses, psum = _kv_forward(q, k, lse, q_idx, k_idx, units, qk_rows, block_size, scale, iscale)
         norm = _norm(layout, k.shape[1], reduction)
@@ -685,10 +692,6 @@ def indexer_kl_triton(q, k, lse, q_idx, k_idx, topk_idx, layout: VarlenLayout, *
                                   float(index_scale), reduction, bool(deterministic))
 
 
-def _dense_tiles(interp: bool):
-    return (16, 16) if interp else (64, 64)
-
-
 def _dense_lse(q, k, layout, scale, frag, tile_frag, tile_m0, bm, bn):
     t, hq, d = q.shape
     g = hq // k.shape[1]
@@ -698,7 +701,7 @@ def _dense_lse(q, k, layout, scale, frag, tile_frag, tile_m0, bm, bn):
             q, k, lse, tile_frag, tile_m0, frag, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), lse.stride(1),
             G=g, D=d, DP=pow2_at_least_16(d), BM=bm, BN=bn, PRECISION=dot_precision(q.dtype),
-            num_warps=4, num_stages=2)
+            num_warps=_cfg(q.device)["dense_warps"], num_stages=_cfg(q.device)["stages"])
     return lse
 
 
@@ -732,7 +735,8 @@ class _IndexerKLDenseTriton(torch.autograd.Function):
     def forward(ctx, q, k, lse, q_idx, k_idx, layout, scale, iscale, reduction, deterministic):
         t, hq, hkv, d, di, g = _check_kernel_limits(q, k, q_idx, k_idx)
         dev = q.device
-        bm, bn = _dense_tiles(_interpreting(dev))
+        cfg = _cfg(dev)
+        bm, bn = cfg["dense_bm"], cfg["dense_bn"]
         frag = _frag_table(layout, dev)
         tile_frag, tile_m0 = query_tile_table(layout, bm, dev)
         if lse is None:
@@ -748,7 +752,8 @@ class _IndexerKLDenseTriton(torch.autograd.Function):
                 *_strides(q, k, lse, q_idx, k_idx), kl.stride(0),
                 dq.stride(0) if want else 0, dq.stride(1) if want else 0,
                 G=g, D=d, DP=pow2_at_least_16(d), DI=di, DIP=pow2_at_least_16(di), BM=bm, BN=bn,
-                WANT_DQ=want, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2)
+                WANT_DQ=want, PRECISION=dot_precision(q.dtype), num_warps=cfg["dense_warps"],
+                num_stages=cfg["stages"])
         norm = _norm(layout, hkv, reduction)
         if want:
             ctx.save_for_backward(q, k, lse, q_idx, k_idx, lses, psum, dq, frag)
@@ -771,8 +776,8 @@ class _IndexerKLDenseTriton(torch.autograd.Function):
                     *_strides(q, k, lse, q_idx, k_idx), lses.stride(0),
                     dk.stride(0) if deterministic else 0, dk.stride(1),
                     G=g, D=d, DP=pow2_at_least_16(d), DI=di, DIP=pow2_at_least_16(di), BM=bm, BN=bn,
-                    ATOMIC=not deterministic, PRECISION=dot_precision(q.dtype), num_warps=4,
-                    num_stages=2)
+                    ATOMIC=not deterministic, PRECISION=dot_precision(q.dtype),
+                    num_warps=_cfg(q.device)["dense_warps"], num_stages=_cfg(q.device)["stages"])
             dk_idx = (dk.sum(0) * coef).to(k_idx.dtype)
         return None, None, None, dq_idx, dk_idx, None, None, None, None, None
 

@@ -73,6 +73,7 @@ def _select_blocks_kernel(
     KPAD: tl.constexpr,
     PRECISION: tl.constexpr,
     LAZY_INSERT: tl.constexpr,
+    SCORE_ONLY: tl.constexpr,
 ):
     tile = tl.program_id(0)
     r = tl.program_id(1).to(tl.int64)
@@ -121,26 +122,30 @@ def _select_blocks_kernel(
         if BKP != BK:
             s = tl.where(n_ok[None, :], s, float("-inf"))
         m = tl.max(s, 1) * scale  # [M] block max logit
-        forced = (b >= win_lo) & (LOCAL_WINDOW > 0)
-        if FORCE_SINK:
-            forced = forced | (b == 0)
-        cand = row_ok & (b < local) & (~forced)
-        # Evict the worst entry: lowest score, ties broken toward the higher block id.
-        min_v = tl.min(tl.where(slot_ok, top_v, float("inf")), 1)  # [M]
-        is_min = slot_ok & (top_v == min_v[:, None])
-        worst = tl.max(tl.where(is_min, top_i, -1), 1)  # [M]
-        # b exceeds every stored id, so an equal score loses the tie: strict comparison.
-        take = cand & (m > min_v)
-        if LAZY_INSERT:
-            # Once the list is warm few blocks enter it: skip the update when no row takes b.
-            if tl.max(take.to(tl.int32), 0) > 0:
+        if SCORE_ONLY:
+            # Benchmark variant: GEMM + block max without the top-k (isolates the top-k's cost).
+            top_v = tl.maximum(top_v, m[:, None])
+        else:
+            forced = (b >= win_lo) & (LOCAL_WINDOW > 0)
+            if FORCE_SINK:
+                forced = forced | (b == 0)
+            cand = row_ok & (b < local) & (~forced)
+            # Evict the worst entry: lowest score, ties broken toward the higher block id.
+            min_v = tl.min(tl.where(slot_ok, top_v, float("inf")), 1)  # [M]
+            is_min = slot_ok & (top_v == min_v[:, None])
+            worst = tl.max(tl.where(is_min, top_i, -1), 1)  # [M]
+            # b exceeds every stored id, so an equal score loses the tie: strict comparison.
+            take = cand & (m > min_v)
+            if LAZY_INSERT:
+                # Once the list is warm few blocks enter it: skip the update when no row takes b.
+                if tl.max(take.to(tl.int32), 0) > 0:
+                    put = is_min & (top_i == worst[:, None]) & take[:, None]
+                    top_v = tl.where(put, m[:, None], top_v)
+                    top_i = tl.where(put, b, top_i)
+            else:
                 put = is_min & (top_i == worst[:, None]) & take[:, None]
                 top_v = tl.where(put, m[:, None], top_v)
                 top_i = tl.where(put, b, top_i)
-        else:
-            put = is_min & (top_i == worst[:, None]) & take[:, None]
-            top_v = tl.where(put, m[:, None], top_v)
-            top_i = tl.where(put, b, top_i)
 
     out_base = OUT + r * stride_oh + (q_start + offs_m) * stride_ot  # [M] pointers
     for j in tl.static_range(TOPK):
@@ -189,8 +194,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 # Tile / pipeline choice on Hopper (see kernels/BENCHMARKS_index.md for the measurements behind it).
-_DEFAULT_CONFIG = dict(block_m=128, num_warps=8, num_stages=3, lazy_insert=True)
-_INTERPRET_CONFIG = dict(block_m=64, num_warps=4, num_stages=1, lazy_insert=True)
+_DEFAULT_CONFIG = dict(block_m=128, num_warps=8, num_stages=2, lazy_insert=False, score_only=False)
+_INTERPRET_CONFIG = dict(block_m=64, num_warps=4, num_stages=1, lazy_insert=True, score_only=False)
 
 
 def select_blocks_triton(q_idx, k_idx, layout, *, block_size: int, topk: int, index_scale: float,
@@ -230,6 +235,7 @@ def select_blocks_triton(q_idx, k_idx, layout, *, block_size: int, topk: int, in
         FORCE_SINK=bool(force_sink), DI=di, DIP=pow2_at_least_16(di), BLOCK_M=block_m,
         BK=block_size, BKP=pow2_at_least_16(block_size), TOPK=topk, KPAD=kpad,
         PRECISION=dot_precision(q_idx.dtype), LAZY_INSERT=cfg["lazy_insert"],
+        SCORE_ONLY=cfg["score_only"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
