@@ -246,7 +246,8 @@ def indexer_kl(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, q_idx: torch
     Teacher P = mean over the G heads of group r of exp(q.k * scale - lse) on S(i, r) (detached);
     student Q = softmax over S(i, r) of q_idx.k_idx * index_scale. Gradients reach q_idx and k_idx
     only. reduction="mean" divides the sum by T * Hkv (T = query rows of this call); use "sum" to
-    build a global mean across context-parallel ranks.
+    build a global mean across context-parallel ranks. A (token, group) with an empty support (all
+    ids -1) contributes 0 but still counts in the mean's denominator.
     """
     t, hq, hkv, d = _check_main(q, k)
     check_tensor(lse, "lse", (t, hq), device=q.device)

@@ -192,6 +192,9 @@ def test_select_blocks_same_block_for_every_query():
     for r in range(2):
         for i in list(range(4, 30)) + list(range(34, 48)):
             assert got[r, i, 0].item() == 0, (r, i)
+    # the attention ops on this selection: block 0 of each sequence is read by every query
+    q, k, v = _randn(48, 4, 8, gen=g), _randn(48, 2, 8, gen=g), _randn(48, 2, 8, gen=g)
+    _check_attention(q, k, v, got, cu, 4, g=g)
 
 
 @pytest.mark.parametrize("force_sink, local_window, topk", [(True, 0, 3), (False, 2, 4), (True, 2, 3),
