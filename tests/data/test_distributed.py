@@ -20,7 +20,9 @@ def _rank_main(rank, world, tmp, queue):
         cfg.stdlib.max_files = 25
         train, _, _ = build_datasets(cfg, ByteTokenizer(), 64, 11, 32, 4)
         first = torch.stack([train[i]["tokens"] for i in range(8)])
-        mine = next(iter(build_data_loader(train, 0, 2, rank, world)))["tokens"]
+        # forked children must not touch CUDA (pinning would initialize it on a GPU box)
+        loader = build_data_loader(train, 0, 2, rank, world, pin_memory=False)
+        mine = next(iter(loader))["tokens"]
         # plain lists: torch tensors would travel as shared-memory handles of an exiting process
         queue.put((rank, first.tolist(), mine.tolist(), None))
         torch.distributed.barrier()
