@@ -163,12 +163,22 @@ def _check_main(q, k, name_q="q", name_k="k"):
     hkv = k.shape[1]
     if hkv < 1 or hq % hkv != 0:
         raise ValueError(f"{name_q} heads ({hq}) must be a multiple of {name_k} heads ({hkv})")
+    if k.dtype != q.dtype:
+        raise TypeError(f"{name_k} dtype {k.dtype} must match {name_q} dtype {q.dtype}")
     return t, hq, hkv, d
+
+
+def _check_lse(lse, t: int, hq: int, device):
+    check_tensor(lse, "lse", (t, hq), device=device)
+    if lse.dtype != torch.float32:
+        raise TypeError(f"lse must be float32 (as sparse_attention returns it), got {lse.dtype}")
 
 
 def _check_index(q_idx, k_idx, hkv: Optional[int], t: Optional[int], tk: Optional[int], device):
     check_tensor(q_idx, "q_idx", (t, hkv, None), device=device)
     check_tensor(k_idx, "k_idx", (tk, q_idx.shape[2]), device=device)
+    if k_idx.dtype != q_idx.dtype:
+        raise TypeError(f"k_idx dtype {k_idx.dtype} must match q_idx dtype {q_idx.dtype}")
     return q_idx.shape[2]
 
 
@@ -194,7 +204,7 @@ def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, cu_seqlens: torch.Te
     """
     check_tensor(q_idx, "q_idx", (None, None, None))
     t, hkv, di = q_idx.shape
-    check_tensor(k_idx, "k_idx", (None, di), device=q_idx.device)
+    _check_index(q_idx, k_idx, None, None, None, q_idx.device)
     block_size = _check_block_size(block_size)
     if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
         raise ValueError(f"topk must be a positive int, got {topk!r}")
@@ -223,6 +233,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk_idx
     """
     t, hq, hkv, d = _check_main(q, k)
     check_tensor(v, "v", tuple(k.shape), device=q.device)
+    if v.dtype != q.dtype:
+        raise TypeError(f"v dtype {v.dtype} must match q dtype {q.dtype}")
     _check_topk(topk_idx, hkv, t, q.device)
     block_size = _check_block_size(block_size)
     scale = _scale(scale, d, "scale")
@@ -250,7 +262,7 @@ def indexer_kl(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, q_idx: torch
     ids -1) contributes 0 but still counts in the mean's denominator.
     """
     t, hq, hkv, d = _check_main(q, k)
-    check_tensor(lse, "lse", (t, hq), device=q.device)
+    _check_lse(lse, t, hq, q.device)
     _check_index(q_idx, k_idx, hkv, t, k.shape[0], q.device)
     _check_topk(topk_idx, hkv, t, q.device)
     block_size = _check_block_size(block_size)
@@ -277,7 +289,7 @@ def indexer_kl_dense(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_id
     """
     t, hq, hkv, d = _check_main(q, k)
     if lse is not None:
-        check_tensor(lse, "lse", (t, hq), device=q.device)
+        _check_lse(lse, t, hq, q.device)
     _check_index(q_idx, k_idx, hkv, t, k.shape[0], q.device)
     opts = dict(scale=_scale(scale, d, "scale"),
                 index_scale=_scale(index_scale, q_idx.shape[2], "index_scale"),

@@ -103,6 +103,10 @@ def test_api_validation_names_the_argument():
     bad[0, 5, 0] = 2  # sequence of 6 tokens has blocks 0 and 1 only
     with pytest.raises(ValueError, match=r"topk_idx\[0, 5, 0\] = 2"):
         mk.sparse_attention(q, k, k, bad, cu, 4)
+    with pytest.raises(TypeError, match="v dtype"):
+        mk.sparse_attention(q, k, k.double(), idx, cu, 4)
+    with pytest.raises(TypeError, match="lse must be float32"):
+        mk.indexer_kl(q, k, torch.zeros(6, 4, dtype=torch.float64), qi, ki, idx, cu, 4)
     with pytest.raises(ValueError, match="reduction"):
         mk.indexer_kl(q, k, torch.zeros(6, 4), qi, ki, idx, cu, 4, reduction="avg")
     with pytest.raises(ValueError, match="k_idx must have shape"):
