@@ -107,7 +107,7 @@ def time_ms(fn: Callable[[], object], *, budget_ms: float = 300.0, min_reps: int
     torch.cuda.synchronize()
     est = max(start.elapsed_time(stop), 1e-3)
     reps = int(max(min_reps, min(200, budget_ms / est)))
-    for _ in range(min(reps, 5)):  # warmup
+    for _ in range(min(reps, 5) if est < 50 else 1):  # warmup (the first call above compiled)
         fn()
     times = []
     for _ in range(reps):

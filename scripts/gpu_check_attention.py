@@ -49,9 +49,17 @@ def variants(args, out_dir, logf):
 
     dev = torch.device("cuda")
     hq, hkv, d, bs, k = args.hq, args.hkv, 128, 128, 16
-    fwd_cfgs = [tc.FwdConfig(*c) for c in [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2)]]
-    bwd_cfgs = [tc.BwdConfig(*c) for c in [(64, 64, 4, 2, 512), (128, 64, 8, 2, 512), (32, 64, 4, 2, 512),
-                                            (64, 32, 4, 2, 512), (64, 64, 4, 2, 4096), (64, 128, 8, 1, 512)]]
+    fwd_cfgs = [tc.FwdConfig(*c) for c in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)]]
+    bwd_cfgs = [tc.BwdConfig(*c[:5], **c[5]) for c in [
+        (32, 64, 4, 2, 512, {}),  # default: dq_mode auto
+        (32, 64, 4, 2, 512, {"dq_mode": "atomic"}),
+        (32, 64, 4, 2, 512, {"dq_mode": "qouter"}),
+        (64, 64, 4, 2, 512, {"dq_mode": "qouter"}),
+        (128, 64, 8, 2, 512, {"dq_mode": "qouter"}),
+        (32, 64, 4, 3, 512, {"dq_mode": "qouter"}),
+        (32, 64, 4, 2, 512, {"dq_mode": "qouter", "dq_num_stages": 3}),
+        (32, 64, 4, 2, 512, {"dq_mode": "qouter", "dq_num_warps": 8, "dq_block_n": 128}),
+    ]]
     results = {"card": torch.cuda.get_device_name(), "fwd": [], "bwd": [], "prep": []}
 
     # parity of every variant at 8K (packed, mix pattern) before any timing

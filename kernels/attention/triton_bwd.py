@@ -6,8 +6,10 @@ Backward plan:
    queries that picked the block (reverse CSR from ``triton_common.build_kv_units``). It recomputes
    P from the stored LSE, keeps dK/dV in registers over all its queries and adds them once into fp32
    buffers. dQ is scattered with fp32 atomics (fast, order-nondeterministic).
-3. Deterministic mode: one unit per (group, block) (so every dK/dV element gets a single add onto
-   zero) and dQ from a separate Q-outer pass over the forward's union schedule (no atomics).
+3. dQ either from those atomics or from a separate Q-outer pass over the forward's union tiles (no
+   atomics; faster while neighbouring tokens share blocks, see ``dq_mode``).
+4. Deterministic mode: one unit per (group, block) (so every dK/dV element gets a single add onto
+   zero) and the Q-outer dQ pass.
 """
 from __future__ import annotations
 
@@ -15,10 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E, BwdConfig, FwdConfig, QTileSchedule, build_kv_units, check_shapes, dot_in_fp32,
+from .triton_common import (LOG2E, BwdConfig, QTileSchedule, build_kv_units, check_shapes, dot_in_fp32,
                             mma, next_pow2)
 
-__all__ = ["sparse_attention_bwd"]
+__all__ = ["sparse_attention_bwd", "dq_mode"]
 
 
 @triton.jit
@@ -72,16 +74,17 @@ def _sparse_bwd_kv_kernel(
         lse_off = tok.to(tl.int64) * HQ + head
         lse = tl.load(LSE + lse_off, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
-        s = mma(q, tl.trans(k), DOT_FP32) * qk_scale  # [M, BLOCK_N], log2 units
-        visible = row_ok[:, None] & (k_row[None, :] <= qk_row[:, None])
-        p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
-        dv += mma(tl.trans(p.to(do.dtype)), do, DOT_FP32)
-        dp = mma(do, tl.trans(v), DOT_FP32)  # [M, BLOCK_N]
-        ds = p * (dp - delta[:, None])
-        ds_lp = ds.to(q.dtype)
-        dk += mma(tl.trans(ds_lp), q, DOT_FP32)
+        # Transposed form (scores as [BLOCK_N, M]): the P^T / dS^T operands of the dV / dK products
+        # stay in registers instead of going through a shared-memory transpose.
+        s_t = mma(k, tl.trans(q), DOT_FP32) * qk_scale  # [BLOCK_N, M], log2 units
+        visible = row_ok[None, :] & (k_row[:, None] <= qk_row[None, :])
+        p_t = tl.where(visible, tl.math.exp2(s_t - lse[None, :]), 0.0)
+        dv += mma(p_t.to(do.dtype), do, DOT_FP32)  # [BLOCK_N, D]
+        dp_t = mma(v, tl.trans(do), DOT_FP32)  # [BLOCK_N, M]
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk += mma(ds_t, q, DOT_FP32)
         if WRITE_DQ:
-            dq = mma(ds_lp, k, DOT_FP32) * sm_scale  # [M, D]
+            dq = mma(tl.trans(ds_t), k, DOT_FP32) * sm_scale  # [M, D]
             tl.atomic_add(DQ32 + q_off[:, None] + d[None, :], dq, mask=row_ok[:, None], sem="relaxed")
     tl.atomic_add(DK32 + kv_off[:, None] + d[None, :], dk * sm_scale, mask=k_ok[:, None], sem="relaxed")
     tl.atomic_add(DV32 + kv_off[:, None] + d[None, :], dv, mask=k_ok[:, None], sem="relaxed")
@@ -139,9 +142,21 @@ def _sparse_bwd_dq_kernel(
     tl.store(DQ + q_off[:, None] + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
+def dq_mode(bcfg: BwdConfig, tiles: QTileSchedule, blk_rows: torch.Tensor) -> str:
+    """Resolve "auto": the Q-outer pass re-reads K/V once per union block of a tile, so it wins while
+    neighbouring tokens share their blocks and loses to atomics when they do not (random patterns)."""
+    if bcfg.dq_mode != "auto":
+        return bcfg.dq_mode
+    picks = int((blk_rows >= 0).sum().item())
+    if picks == 0:
+        return "qouter"
+    ratio = float(tiles.counts.sum().item()) * tiles.tokens_per_tile / picks
+    return "qouter" if ratio <= bcfg.auto_ratio else "atomic"
+
+
 def sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, tiles: QTileSchedule, blk_rows: torch.Tensor,
                          qk_rows: torch.Tensor, block_size: int, scale: float, deterministic: bool,
-                         fcfg: FwdConfig, bcfg: BwdConfig):
+                         bcfg: BwdConfig):
     """Gradients (dq, dk, dv) in the input dtype."""
     t, hq, hkv, dim, group = check_shapes(q, k, v, block_size)
     tk = k.shape[0]
@@ -155,18 +170,20 @@ def sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, tiles: QTileSchedule, 
             HAS_DLSE=d_lse is not None, D=dim, BLOCK_R=block_r)
     gp = next_pow2(group)
     block_n = min(bcfg.block_n, block_size)
+    mode = "qouter" if deterministic else dq_mode(bcfg, tiles, blk_rows)
     units = build_kv_units(blk_rows, 0 if deterministic else bcfg.chunk)
     dk32 = torch.zeros((tk, hkv, dim), dtype=torch.float32, device=q.device)
     dv32 = torch.zeros_like(dk32)
-    dq32 = None if deterministic else torch.zeros((t, hq, dim), dtype=torch.float32, device=q.device)
+    dq32 = torch.zeros((t, hq, dim), dtype=torch.float32, device=q.device) if mode == "atomic" else None
     if units.num_units:
         _sparse_bwd_kv_kernel[(units.num_units, block_size // block_n)](
             q, k, v, d_out, lse, delta, dq32 if dq32 is not None else dk32, dk32, dv32,
             units.tokens, units.unit_group, units.unit_block_row, units.unit_begin, units.unit_end, qk_rows,
             tk, scale, scale * LOG2E,
             HQ=hq, HKV=hkv, G=group, GP=gp, D=dim, TM=bcfg.tokens_per_step(group), BLOCK_N=block_n,
-            WRITE_DQ=not deterministic, DOT_FP32=dot_in_fp32(q.dtype), num_warps=bcfg.num_warps, num_stages=bcfg.num_stages)
-    if deterministic:
+            WRITE_DQ=mode == "atomic", DOT_FP32=dot_in_fp32(q.dtype), num_warps=bcfg.num_warps,
+            num_stages=bcfg.num_stages)
+    if mode == "qouter":
         dq = torch.empty_like(q)
         if t:
             _sparse_bwd_dq_kernel[(tiles.num_tiles, hkv)](
@@ -174,8 +191,8 @@ def sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, tiles: QTileSchedule, 
                 tiles.block_rows, tiles.token_masks, tiles.counts, qk_rows,
                 t, tk, tiles.num_tiles, tiles.stride, scale, scale * LOG2E,
                 HQ=hq, HKV=hkv, G=group, GP=gp, D=dim, TM=tiles.tokens_per_tile, BLOCK_KV=block_size,
-                BLOCK_N=min(fcfg.block_n, block_size), DOT_FP32=dot_in_fp32(q.dtype),
-                num_warps=fcfg.num_warps, num_stages=fcfg.num_stages)
+                BLOCK_N=min(bcfg.dq_block_n, block_size), DOT_FP32=dot_in_fp32(q.dtype),
+                num_warps=bcfg.dq_num_warps, num_stages=bcfg.dq_num_stages)
     else:
         dq = dq32.to(q.dtype)
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)

@@ -68,6 +68,33 @@ class QTileSchedule:
     counts: torch.Tensor  # int32 [Hkv, num_tiles] union size
 
 
+@triton.jit
+def _union_tiles_kernel(BLK, OUT_ROWS, OUT_MASKS, OUT_COUNTS, T, NUM_TILES, STRIDE,
+                        K: tl.constexpr, TM: tl.constexpr, E: tl.constexpr):
+    """One program per (tile, group): sort the tile's (block row, token) picks, keep one slot per
+    distinct block (ascending) and OR the picking tokens' bits into its mask."""
+    tile = tl.program_id(0)
+    r = tl.program_id(1)
+    e = tl.arange(0, E)
+    tm = e // K
+    tok = tile * TM + tm
+    ok = (tok < T) & (e < TM * K)
+    row = tl.load(BLK + (r.to(tl.int64) * T + tok) * K + e % K, mask=ok, other=-1)  # int64 [E]
+    big: tl.constexpr = 1 << 62
+    key = tl.sort(tl.where(row >= 0, row * TM + tm, big))
+    valid = key != big
+    blk = key // TM
+    prev = tl.gather(key, tl.maximum(e - 1, 0), 0)
+    first = e == 0
+    new_pair = valid & (first | (key != prev))  # a token's duplicate picks count once
+    new_blk = valid & (first | (blk != prev // TM))
+    slot = tl.cumsum(new_blk.to(tl.int32), 0) - 1
+    base = (r * NUM_TILES + tile).to(tl.int64) * STRIDE
+    tl.store(OUT_ROWS + base + slot, blk.to(tl.int32), mask=new_blk)
+    tl.atomic_or(OUT_MASKS + base + slot, tl.full([E], 1, tl.int64) << (key % TM), mask=new_pair)
+    tl.store(OUT_COUNTS + r * NUM_TILES + tile, tl.sum(new_blk.to(tl.int32), 0))
+
+
 def build_q_tiles(blk_rows: torch.Tensor, tokens_per_tile: int) -> QTileSchedule:
     """Union of the tokens' blocks per Q tile. blk_rows: int64 [Hkv, T, K] from block_key_rows."""
     hkv, t, k = blk_rows.shape
@@ -75,39 +102,16 @@ def build_q_tiles(blk_rows: torch.Tensor, tokens_per_tile: int) -> QTileSchedule
     if not 1 <= tm <= 32:
         raise ValueError(f"tokens_per_tile must be in [1, 32] (one bit per token in a mask), got {tm}")
     num_tiles = -(-t // tm)
-    pad = num_tiles * tm - t
-    rows = blk_rows
-    if pad:
-        rows = torch.cat([rows, rows.new_full((hkv, pad, k), -1)], dim=1)
     stride = tm * k
-    # [Hkv, tiles, TM, K] -> one key per (block, token): sorting groups a block's tokens together and
-    # puts a token's duplicate picks side by side (they count once, as in the reference).
-    tok = torch.arange(tm, device=rows.device, dtype=torch.int64).view(1, 1, tm, 1)
-    rows = rows.view(hkv, num_tiles, tm, k)
-    sentinel = torch.iinfo(torch.int64).max
-    key = torch.where(rows >= 0, rows * tm + tok, torch.full_like(rows, sentinel)).view(hkv, num_tiles, stride)
-    key, _ = torch.sort(key, dim=-1)
-    valid = key != sentinel
-    blk = torch.where(valid, key // tm, torch.full_like(key, -1))
-    bit_pos = torch.where(valid, key % tm, torch.zeros_like(key))
-    prev_key = torch.nn.functional.pad(key, (1, 0), value=-1)[..., :-1]
-    prev_blk = torch.nn.functional.pad(blk, (1, 0), value=-1)[..., :-1]
-    new_pair = valid & (key != prev_key)
-    new_blk = valid & (blk != prev_blk)
-    slot = torch.cumsum(new_blk.to(torch.int64), dim=-1) - 1  # union slot of every entry
-    trash = stride  # invalid entries land in one extra column that is cut off below
-    slot = torch.where(valid, slot, torch.full_like(slot, trash))
-    bits = torch.where(new_pair, torch.ones_like(key) << bit_pos, torch.zeros_like(key))
-    masks = torch.zeros((hkv, num_tiles, stride + 1), dtype=torch.int64, device=key.device)
-    masks.scatter_add_(-1, slot, bits)  # distinct tokens -> distinct bits, so the sum is an OR
-    starts = torch.full((hkv, num_tiles, stride + 1), -1, dtype=torch.int64, device=key.device)
-    starts.scatter_(-1, torch.where(new_blk, slot, torch.full_like(slot, trash)), blk)
-    counts = new_blk.sum(dim=-1, dtype=torch.int32)
-    return QTileSchedule(
-        tokens_per_tile=tm, num_tiles=num_tiles, stride=stride,
-        block_rows=starts[..., :stride].to(torch.int32).contiguous(),
-        token_masks=masks[..., :stride].contiguous(),
-        counts=counts.contiguous())
+    dev = blk_rows.device
+    rows = torch.empty((hkv, num_tiles, stride), dtype=torch.int32, device=dev)  # read only below counts
+    masks = torch.zeros((hkv, num_tiles, stride), dtype=torch.int64, device=dev)
+    counts = torch.zeros((hkv, num_tiles), dtype=torch.int32, device=dev)
+    if num_tiles and k:
+        _union_tiles_kernel[(num_tiles, hkv)](blk_rows.contiguous(), rows, masks, counts, t, num_tiles, stride,
+                                              K=k, TM=tm, E=max(16, next_pow2(stride)))
+    return QTileSchedule(tokens_per_tile=tm, num_tiles=num_tiles, stride=stride, block_rows=rows,
+                         token_masks=masks, counts=counts)
 
 
 @dataclass
@@ -184,12 +188,12 @@ class FwdConfig:
 
 
 def fwd_config(head_dim: int, group: int, block_size: int, interpret: bool = False) -> FwdConfig:
-    """Default tile shape. M = 128 rows (e.g. 8 tokens x 16 heads) keeps the union of 8-16 neighbouring
-    tokens small under local / shared selection patterns while filling a Hopper wgmma tile."""
-    block_n = min(block_size, 64 if head_dim > 64 else 128)
+    """Default tile shape (H200 sweep in kernels/BENCHMARKS.md). M = 64 rows (8 tokens x 8 heads, 4 x 16)
+    ran as fast as 128 rows on local/shared patterns and keeps the union of a tile small when
+    neighbouring tokens pick different blocks."""
     if interpret:
         return FwdConfig(block_m=max(16, next_pow2(group)), block_n=min(block_size, 32), num_warps=4, num_stages=1)
-    return FwdConfig(block_m=max(128, next_pow2(group)), block_n=block_n, num_warps=8, num_stages=2)
+    return FwdConfig(block_m=max(64, next_pow2(group)), block_n=min(block_size, 64), num_warps=4, num_stages=2)
 
 
 def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> tuple:
@@ -220,28 +224,40 @@ def default_scale(head_dim: int) -> float:
 
 
 class BwdConfig:
-    """Tile shape of the KV-outer pass: BLOCK_N key rows x (tokens x padded group) query rows."""
+    """Backward tiles. KV-outer pass: BLOCK_N key rows x (tokens x padded group) query rows, at most
+    ``chunk`` queries per unit. dQ: ``dq_mode`` "atomic" (fp32 atomics from the KV-outer pass),
+    "qouter" (a separate Q-outer pass over the forward's union tiles, no atomics) or "auto" (qouter
+    while the union tiles are dense: union blocks x tokens per tile / picks <= ``auto_ratio``)."""
 
-    def __init__(self, block_m: int, block_n: int, num_warps: int, num_stages: int, chunk: int):
+    def __init__(self, block_m: int, block_n: int, num_warps: int, num_stages: int, chunk: int,
+                 dq_mode: str = "auto", dq_block_n: int = 64, dq_num_warps: int = 4, dq_num_stages: int = 2,
+                 auto_ratio: float = 2.5):
+        if dq_mode not in ("auto", "atomic", "qouter"):
+            raise ValueError(f"dq_mode must be 'auto', 'atomic' or 'qouter', got {dq_mode!r}")
         self.block_m, self.block_n = block_m, block_n
         self.num_warps, self.num_stages, self.chunk = num_warps, num_stages, chunk
+        self.dq_mode, self.dq_block_n = dq_mode, dq_block_n
+        self.dq_num_warps, self.dq_num_stages, self.auto_ratio = dq_num_warps, dq_num_stages, auto_ratio
 
     def tokens_per_step(self, group: int) -> int:
         return max(1, self.block_m // next_pow2(group))
 
     def __repr__(self) -> str:
         return (f"BwdConfig(block_m={self.block_m}, block_n={self.block_n}, num_warps={self.num_warps}, "
-                f"num_stages={self.num_stages}, chunk={self.chunk})")
+                f"num_stages={self.num_stages}, chunk={self.chunk}, dq_mode={self.dq_mode!r}, "
+                f"dq_block_n={self.dq_block_n}, dq_num_warps={self.dq_num_warps}, "
+                f"dq_num_stages={self.dq_num_stages})")
 
 
 def bwd_config(head_dim: int, group: int, block_size: int, interpret: bool = False) -> BwdConfig:
-    """Default KV-outer tile. dK and dV stay in registers (2 x BLOCK_N x D fp32), so BLOCK_N = 64 for
-    D = 128; chunk = 512 queries per unit bounds the tail of blocks picked by every query."""
+    """Default backward tiles (H200 sweep in kernels/BENCHMARKS.md). dK and dV stay in registers
+    (2 x BLOCK_N x D fp32), so BLOCK_N = 64 for D = 128; chunk = 512 queries per unit bounds the tail
+    of blocks picked by every query."""
     if interpret:
         return BwdConfig(block_m=max(16, next_pow2(group)), block_n=min(block_size, 32), num_warps=4,
-                         num_stages=1, chunk=8)
-    return BwdConfig(block_m=max(64, next_pow2(group)), block_n=min(block_size, 64), num_warps=4,
-                     num_stages=2, chunk=512)
+                         num_stages=1, chunk=8, dq_block_n=min(block_size, 32), dq_num_stages=1)
+    return BwdConfig(block_m=max(32, next_pow2(group)), block_n=min(block_size, 64), num_warps=4,
+                     num_stages=2, chunk=512, dq_block_n=min(block_size, 64))
 
 
 def interpreting() -> bool:

@@ -132,7 +132,7 @@ class _SparseAttentionTriton(torch.autograd.Function):
         if d_lse is not None:
             d_lse = d_lse.contiguous().float()
         dq, dk, dv = sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, ctx.tiles, blk_rows, qk_rows,
-                                          block_size, scale, deterministic, fcfg, bcfg)
+                                          block_size, scale, deterministic, bcfg)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
