@@ -204,6 +204,11 @@ class Trainer:
         try:
             while self.progress.iteration < stage.end_step:
                 t0 = time.perf_counter()
+                sample_recall = logger.should_sample_recall(self.progress.iteration + 1)
+                if sample_recall:
+                    from msa_train.model import request_recall
+
+                    request_recall()
                 result = train_step(
                     objs.chunks, objs.optimizer, objs.scheduler, objs.config, train_iter,
                     num_microbatches=self.num_microbatches, seq_length=seq,
@@ -215,6 +220,10 @@ class Trainer:
                 step = self.progress.iteration
                 kl = _kl_metrics()
                 moe = _moe_metrics(objs.config)
+                if sample_recall:
+                    from msa_train.model import get_recall_metrics
+
+                    moe.update(get_recall_metrics(reset=True))  # collective: every rank calls
                 seconds = time.perf_counter() - t0
                 self.guard.note_step_time(seconds)
                 if logger.should_log(step) or step == stage.end_step:
