@@ -177,9 +177,10 @@ def build_datasets(data_cfg: DataConfig, tokenizer, seq_length: int, seed: int,
                 raise
             where = gpt_cfg.path_to_cache or "<prefix>/cache next to each data prefix"
             raise DataConfigError(
-                f"building the dataset indices failed writing the index cache at {where} "
-                f"({os_err}); set data.index_cache_dir to a writable directory that all ranks "
-                f"share") from err
+                f"building the dataset indices failed reading/writing Megatron's index cache at "
+                f"{where} ({os_err}); set data.index_cache_dir to a writable directory that all "
+                f"ranks share (on several nodes: a shared filesystem, since global rank 0 writes "
+                f"it and every other rank reads it)") from err
     logger.info("datasets (seq_length=%d): train=%s valid=%s test=%s samples", seq_length,
                 *(None if d is None else len(d) for d in (train, valid, test)))
     return train, valid, test
