@@ -70,6 +70,23 @@ def test_eod_switches_reset_positions_and_mask_loss(tmp_path, data_cfg_factory):
         assert torch.equal(s["loss_mask"] == 0, s["tokens"] == 256)
 
 
+def test_reset_attention_mask_batches_carry_document_boundaries(tmp_path, data_cfg_factory):
+    from msa_train.data import build_data_loader, collator_for
+
+    prefix = write_prefix(tmp_path / "d", [[5] * 10, [6] * 13, [7] * 9, [8] * 40])
+    cfg = data_cfg_factory(source="indexed", paths=[prefix], split="1,0,0",
+                           reset_attention_mask=True)
+    tok = ByteTokenizer()
+    train, _, _ = build_datasets(cfg, tok, SEQ, 3, 2, 0)
+    batch = next(iter(build_data_loader(train, 0, 2, collator=collator_for(cfg, tok))))
+    assert batch["attention_mask"] is None
+    cu = batch["cu_seqlens"].tolist()
+    flat = batch["tokens"].flatten()
+    assert cu[0] == 0 and cu[-1] == flat.numel() and SEQ in cu
+    for a, b in zip(cu[:-1], cu[1:]):  # no document continues past an EOD inside a fragment
+        assert not (flat[a:b - 1] == 256).any()
+
+
 def test_weighted_blend_follows_weights(tmp_path, data_cfg_factory):
     a = write_prefix(tmp_path / "a", [[ord("a")] * (20 + k) for k in range(60)])
     b = write_prefix(tmp_path / "b", [[ord("b")] * (20 + k) for k in range(60)])
