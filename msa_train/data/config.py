@@ -115,19 +115,23 @@ def validate_data_config(cfg: DataConfig) -> None:
                 "(path without .bin/.idx), e.g. data.paths=[/data/corpus_text_document]; "
                 "make them with tools/prepare_data.py")
         _check_weights(list(cfg.paths), cfg.weights, "data.paths", "data.weights")
-        from msa_train.data.indexed import check_prefix_exists, check_tokenizer_matches
-
-        for name in ("paths", "valid_paths"):
-            for i, prefix in enumerate(getattr(cfg, name)):
-                check_prefix_exists(prefix, f"data.{name}[{i}]")
-                check_tokenizer_matches(prefix, f"data.{name}[{i}]", cfg.tokenizer.type)
     elif cfg.paths:
         raise DataConfigError(
             f"data.paths is set but data.source={cfg.source!r} ignores it: "
             f"set data.source=indexed (or use the data=indexed config)")
     if cfg.valid_paths:
+        if cfg.source == "mock":
+            raise DataConfigError(
+                "data.valid_paths is set but data.source=mock ignores it: clear data.valid_paths")
         _check_weights(list(cfg.valid_paths), cfg.valid_weights, "data.valid_paths",
                        "data.valid_weights")
+    from msa_train.data.indexed import check_prefix_exists, check_tokenizer_matches
+
+    prefixes = [("paths", cfg.paths)] if cfg.source == "indexed" else []
+    for name, group in prefixes + [("valid_paths", cfg.valid_paths)]:
+        for i, prefix in enumerate(group):
+            check_prefix_exists(prefix, f"data.{name}[{i}]")
+            check_tokenizer_matches(prefix, f"data.{name}[{i}]", cfg.tokenizer.type)
     tok = cfg.tokenizer
     if cfg.source == "stdlib" and tok.type != "byte":
         raise DataConfigError(

@@ -118,7 +118,7 @@ def build_gpt_dataset_config(cfg: DataConfig, tokenizer, seq_length: int, seed: 
     blend = None if prefixes is None else (prefixes, weights)
     blend_per_split = None
     split = str(cfg.split)
-    if cfg.valid_paths and cfg.source != "mock":
+    if cfg.valid_paths:
         vw = list(cfg.valid_weights) if cfg.valid_weights is not None else None
         blend_per_split = [blend, (list(cfg.valid_paths), vw), None]
         blend, split = None, None

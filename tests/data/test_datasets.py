@@ -131,6 +131,8 @@ def test_config_errors_name_the_field(tmp_path, data_cfg_factory):
         (dict(source="web"), "data.source='web'"),
         (dict(split="a,b"), "data.split"),
         (dict(split="0,0,0"), "data.split"),
+        (dict(valid_paths=[str(tmp_path / "v")]), r"data.valid_paths\[0\]=.*not found"),
+        (dict(source="mock", valid_paths=["x"]), "clear data.valid_paths"),
     ]
     for kw, pattern in cases:
         with pytest.raises(DataConfigError, match=pattern):
