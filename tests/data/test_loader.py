@@ -77,3 +77,14 @@ def test_cycle_restarts_and_refuses_empty():
     assert batches == [1, 2, 1, 2, 1]
     with pytest.raises(ValueError, match="empty"):
         next(cycle([]))
+
+
+def test_bench_reports_throughput(tmp_path, capsys, numbered_docs):
+    from conftest import write_prefix as wp
+    from msa_train.data.bench import main
+
+    prefix = wp(tmp_path / "d", numbered_docs)
+    main(["--paths", prefix, "--seq-length", "16", "--micro-batch-size", "2", "--batches", "3",
+          "--workers", "0"])
+    out = capsys.readouterr().out
+    assert "workers=0:" in out and "M tokens/s" in out and "2 batches" in out
