@@ -80,10 +80,9 @@ def test_cycle_restarts_and_refuses_empty():
 
 
 def test_bench_reports_throughput(tmp_path, capsys, numbered_docs):
-    from conftest import write_prefix as wp
     from msa_train.data.bench import main
 
-    prefix = wp(tmp_path / "d", numbered_docs)
+    prefix = write_prefix(tmp_path / "d", numbered_docs)
     main(["--paths", prefix, "--seq-length", "16", "--micro-batch-size", "2", "--batches", "3",
           "--workers", "0"])
     out = capsys.readouterr().out
