@@ -9,7 +9,7 @@ a wrong type in any group fails at compose time.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 from omegaconf import MISSING
 
@@ -106,3 +106,6 @@ class CheckpointConfig:
     # so a separate stage-2 job reads the samples a continuous run would.
     init_continue_data: bool = True
     keep_last_k: Optional[int] = None  # None keeps every checkpoint
+    # Fields of this group a recipe needs set (e.g. [save, init_from] for a CPT job). A '???' in a
+    # group or experiment file cannot express this: OmegaConf merges skip missing values.
+    required: List[str] = field(default_factory=list)

@@ -202,6 +202,13 @@ def _check_checkpoint(cfg: DictConfig, errors: List[str]) -> None:
     from msa_train.trainer import ckpt_layout
 
     ck = cfg.checkpoint
+    for name in ck.required:
+        if name not in ("save", "load", "init_from"):
+            errors.append(f"checkpoint.required lists {name!r}: only save, load, init_from can be "
+                          "required")
+        elif not ck[name] and not (name == "init_from" and ckpt_layout.has_checkpoint(ck.save)):
+            errors.append(f"checkpoint.{name} must be set for this recipe (checkpoint.required="
+                          f"{list(ck.required)})")
     resuming = ckpt_layout.has_checkpoint(ck.save)
     if not resuming:
         _check_path(ck.load, "checkpoint.load", errors, need_checkpoint=True)
