@@ -203,7 +203,7 @@ def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, cu_seqlens: torch.Te
     (descending; ties -> lower block id).
     """
     check_tensor(q_idx, "q_idx", (None, None, None))
-    t, hkv, di = q_idx.shape
+    t, di = q_idx.shape[0], q_idx.shape[2]
     _check_index(q_idx, k_idx, None, None, None, q_idx.device)
     block_size = _check_block_size(block_size)
     if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
@@ -231,7 +231,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk_idx
     (the reference also back-propagates a gradient on lse). Ids of -1 are ignored; a row with no
     valid id gives out = 0, lse = -inf.
     """
-    t, hq, hkv, d = _check_main(q, k)
+    t, _, hkv, d = _check_main(q, k)
     check_tensor(v, "v", tuple(k.shape), device=q.device)
     if v.dtype != q.dtype:
         raise TypeError(f"v dtype {v.dtype} must match q dtype {q.dtype}")

@@ -198,7 +198,7 @@ def make_layout(
 # The ops of one layer (and usually every layer of a step) receive the same offset tensors: caching
 # their layout saves a host sync and three small host-to-device copies per op call.
 _CACHE_SIZE = 8
-_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
+_cache: OrderedDict = OrderedDict()
 
 
 def _tensor_key(t: Optional[torch.Tensor]):

@@ -11,7 +11,13 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..attention.naive import causal_mask, check_topk_ids, exact_fp32_matmul, iter_chunks, support_mask
+from ..attention.naive import (
+    causal_mask,
+    check_topk_ids,
+    exact_fp32_matmul,
+    iter_chunks,
+    support_mask,
+)
 from ..layout import VarlenLayout
 
 __all__ = ["indexer_kl_ref", "indexer_kl_dense_ref"]

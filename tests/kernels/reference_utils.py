@@ -100,12 +100,14 @@ def brute_select(q_idx, k_idx, cu_seqlens, block_size: int, topk: int, index_sca
         for i in range(ql):
             local = (kl - ql + i) // block_size
             for r in range(hkv):
-                def priority(b):
+                row_scores = scores[r, qs + i].tolist()
+
+                def priority(b, local=local, row_scores=row_scores):
                     if force_sink and b == 0:
                         return (0, 0.0, b)
                     if 1 <= local - b <= local_window:
                         return (local - b, 0.0, b)
-                    return (local_window + 1, -float(scores[r, qs + i, b]), b)
+                    return (local_window + 1, -row_scores[b], b)
                 others = sorted(range(local), key=priority)[:topk - 1]
                 row = others + [local]
                 out[r, qs + i, :len(row)] = torch.tensor(row, dtype=torch.int32)
@@ -124,7 +126,7 @@ def _masked_softmax(s: torch.Tensor, mask: torch.Tensor, lse: torch.Tensor) -> t
 
 def brute_attention(q, k, v, mask, scale=None):
     """(out [T, Hq, D], lse [T, Hq]) in float64 with autograd; mask bool [Hkv, T, Tk] (any support)."""
-    t, hq, d = q.shape
+    hq, d = q.shape[1], q.shape[2]
     hkv = k.shape[1]
     g = hq // hkv
     scale = d ** -0.5 if scale is None else scale
