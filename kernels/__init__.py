@@ -42,8 +42,9 @@ msa_kernels.select.triton.select_blocks_triton(
 msa_kernels.attention.triton_fwd.sparse_attention_triton(
         q, k, v, topk_idx, layout, *, block_size: int, scale: float, deterministic: bool)
         -> (out [T, Hq, D] in q.dtype, lse [T, Hq] float32)
-    A torch.autograd.Function wrapper (backward in triton_bwd) giving dq, dk, dv. Rows whose support
-    is empty (all -1) give out = 0 and lse = -inf, and zero gradients.
+    A torch.autograd.Function wrapper (backward in triton_bwd) giving dq, dk, dv, and accepting a
+    gradient on lse. Rows whose support is empty (all -1) give out = 0 and lse = -inf, and zero
+    gradients.
 msa_kernels.kl.triton.indexer_kl_triton(
         q, k, lse, q_idx, k_idx, topk_idx, layout, *, block_size: int, scale: float,
         index_scale: float, reduction: str, deterministic: bool) -> float32 scalar
@@ -227,9 +228,10 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk_idx
                      deterministic: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention of every head of group r over the tokens j <= i of its selected blocks.
 
-    Returns (out [T, Hq, D] in q.dtype, lse [T, Hq] float32, natural log); autograd for q, k, v
-    (the reference also back-propagates a gradient on lse). Ids of -1 are ignored; a row with no
-    valid id gives out = 0, lse = -inf.
+    Returns (out [T, Hq, D] in q.dtype, lse [T, Hq] float32, natural log); autograd for q, k, v,
+    including a gradient arriving on lse (d lse / d s = p). Ids of -1 are ignored, as are ids of
+    blocks after the query's local block; a row with no visible selected token gives out = 0,
+    lse = -inf. The Triton path trusts the ids (select_blocks output); the reference checks them.
     """
     t, _, hkv, d = _check_main(q, k)
     check_tensor(v, "v", tuple(k.shape), device=q.device)
