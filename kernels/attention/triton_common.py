@@ -193,7 +193,7 @@ def fwd_config(head_dim: int, group: int, block_size: int, interpret: bool = Fal
     neighbouring tokens pick different blocks."""
     if interpret:
         return FwdConfig(block_m=max(16, next_pow2(group)), block_n=min(block_size, 32), num_warps=4, num_stages=1)
-    return FwdConfig(block_m=max(64, next_pow2(group)), block_n=min(block_size, 64), num_warps=4, num_stages=2)
+    return FwdConfig(block_m=max(64, next_pow2(group)), block_n=min(block_size, 64), num_warps=4, num_stages=3)
 
 
 def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> tuple:
@@ -257,7 +257,7 @@ def bwd_config(head_dim: int, group: int, block_size: int, interpret: bool = Fal
         return BwdConfig(block_m=max(16, next_pow2(group)), block_n=min(block_size, 32), num_warps=4,
                          num_stages=1, chunk=8, dq_block_n=min(block_size, 32), dq_num_stages=1)
     return BwdConfig(block_m=max(32, next_pow2(group)), block_n=min(block_size, 64), num_warps=4,
-                     num_stages=2, chunk=512, dq_block_n=min(block_size, 64))
+                     num_stages=3, chunk=512, dq_block_n=min(block_size, 64))
 
 
 def interpreting() -> bool:
