@@ -48,7 +48,7 @@ class Fragment(NamedTuple):
         return -(-self.k_len // block_size)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensor fields: identity equality, not elementwise
 class VarlenLayout:
     """Validated fragment layout. Build it with :func:`make_layout`, never by hand.
 
