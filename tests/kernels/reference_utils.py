@@ -229,6 +229,8 @@ def assert_same_selection(idx_a: torch.Tensor, idx_b: torch.Tensor, scores: Opti
     if idx_a.shape != idx_b.shape:
         raise AssertionError(f"selection shapes differ: {tuple(idx_a.shape)} vs {tuple(idx_b.shape)}")
     a, b = idx_a.detach().cpu().long(), idx_b.detach().cpu().long()
+    if scores is not None:
+        scores = scores.detach().cpu().double()  # one copy, not a device sync per looked-up score
     for name, x in (("idx_a", a), ("idx_b", b)):
         valid = x >= 0
         if (valid[..., 1:] & ~valid[..., :-1]).any():
