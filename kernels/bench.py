@@ -335,6 +335,8 @@ def flex_row(args, t, pattern, sel, res, device, dense) -> None:
     full_ids = torch.sort(full_ids, -1).values
     n_full = (full_ids < nb).sum(-1)
     full_ids = torch.where(full_ids < nb, full_ids, torch.zeros_like(full_ids))
+    # BlockMask index tensors are [B, H, q blocks, kv blocks] (the last dim is the KV block count)
+    full_ids = torch.nn.functional.pad(full_ids, (0, max(0, nb - full_ids.shape[-1])))[..., :nb]
     part_ids = torch.zeros_like(full_ids)
     part_ids[..., 0] = qb[None, :]
     n_part = torch.ones_like(n_full)
