@@ -317,11 +317,41 @@ def time_kl_dense(t_len, hq, hkv, d, di, dev):
     log(RESULTS[-1])
 
 
+def profile_kl(dev, t_len=32768, hq=64, hkv=8, bs=128, topk=16):
+    """Per-kernel CUDA time of one KL fwd+bwd (atomic mode) and of the schedule build."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from msa_kernels.kl import triton as klt
+    cu, lay, t = packed([t_len], dev)
+    q = torch.randn(t, hq, 128, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(t, hkv, 128, device=dev, dtype=torch.bfloat16)
+    qi = torch.randn(t, hkv, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    ki = torch.randn(t, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    lse = torch.randn(t, hq, device=dev) + 8.0
+    idx = realistic_topk(lay, hkv, bs, topk, dev)
+    ms_units = bench(lambda: klt._kv_units(idx, lay, bs, klt.CONFIG["kv_chunk"]), reps=5)
+    log(f"profile: KV schedule build (block_key_rows + build_kv_units + query_key_rows) {ms_units:.2f} ms")
+
+    def step():
+        out = indexer_kl_triton(q, k, lse, qi, ki, idx, lay, block_size=bs, scale=128 ** -0.5,
+                                index_scale=128 ** -0.5)
+        torch.autograd.grad(out, [qi, ki])
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="no 128K timing")
     ap.add_argument("--sweep", action="store_true", help="also time tile-config variants")
+    ap.add_argument("--profile", action="store_true", help="per-kernel CUDA times of the KL")
+    ap.add_argument("--skip-parity", action="store_true", help="timing only (never for reported results)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -334,24 +364,29 @@ def main() -> int:
     log(f"card: {card}; torch {torch.__version__}")
     t0 = time.time()
 
+    if args.profile:
+        profile_kl(dev)
     log("== parity ==")
-    for hkv in (4, 8):
-        check_select(8192, hkv, 128, 128, 16, torch.bfloat16, dev)
-    check_select(32768, 8, 128, 128, 16, torch.bfloat16, dev)
-    check_select(8192, 4, 64, 64, 32, torch.float16, dev, fs=True, lw=2)
-    check_select(8192, 8, 128, 128, 1, torch.bfloat16, dev)
-    check_select(3000, 2, 128, 64, 7, torch.float32, dev)
-    for hq, hkv in ((64, 4), (64, 8)):
-        check_kl(8192, hq, hkv, 128, 128, 128, 16, torch.bfloat16, dev)
-    check_kl(8192, 64, 8, 128, 128, 128, 16, torch.bfloat16, dev, deterministic=True)
-    for det in (False, True):
-        check_kl(4096, 32, 4, 64, 64, 64, 8, torch.float16, dev, deterministic=det)
-        check_kl(4096, 32, 4, 64, 64, 64, 8, torch.bfloat16, dev, deterministic=det)
-        check_kl(4096, 32, 4, 128, 128, 64, 8, torch.float16, dev, deterministic=det)
-        check_kl(4096, 32, 4, 64, 64, 64, 8, torch.float32, dev, deterministic=det)
-    check_kl(4096, 8, 8, 128, 64, 128, 4, torch.bfloat16, dev)
-    check_kl(4096, 64, 8, 128, 128, 128, 16, torch.bfloat16, dev, dense=True)
-    check_kl(4096, 16, 2, 64, 64, 128, 16, torch.float16, dev, dense=True, deterministic=True)
+    if args.skip_parity:
+        FAILED.append("parity skipped: timings below are not results")
+    if not args.skip_parity:
+        for hkv in (4, 8):
+            check_select(8192, hkv, 128, 128, 16, torch.bfloat16, dev)
+        check_select(32768, 8, 128, 128, 16, torch.bfloat16, dev)
+        check_select(8192, 4, 64, 64, 32, torch.float16, dev, fs=True, lw=2)
+        check_select(8192, 8, 128, 128, 1, torch.bfloat16, dev)
+        check_select(3000, 2, 128, 64, 7, torch.float32, dev)
+        for hq, hkv in ((64, 4), (64, 8)):
+            check_kl(8192, hq, hkv, 128, 128, 128, 16, torch.bfloat16, dev)
+        check_kl(8192, 64, 8, 128, 128, 128, 16, torch.bfloat16, dev, deterministic=True)
+        for det in (False, True):
+            check_kl(4096, 32, 4, 64, 64, 64, 8, torch.float16, dev, deterministic=det)
+            check_kl(4096, 32, 4, 64, 64, 64, 8, torch.bfloat16, dev, deterministic=det)
+            check_kl(4096, 32, 4, 128, 128, 64, 8, torch.float16, dev, deterministic=det)
+            check_kl(4096, 32, 4, 64, 64, 64, 8, torch.float32, dev, deterministic=det)
+        check_kl(4096, 8, 8, 128, 64, 128, 4, torch.bfloat16, dev)
+        check_kl(4096, 64, 8, 128, 128, 128, 16, torch.bfloat16, dev, dense=True)
+        check_kl(4096, 16, 2, 64, 64, 128, 16, torch.float16, dev, dense=True, deterministic=True)
     log(f"parity done in {time.time() - t0:.0f}s; failures: {FAILED or 'none'}")
 
     log("== timing (bf16) ==")

@@ -52,7 +52,7 @@ ensure_interpreter_compat()
 
 # Sentinel block id for an empty top-k slot. Larger than any real block id so that, among -inf
 # entries, an empty slot is always the one evicted first.
-_EMPTY_ID = tl.constexpr(1 << 30)
+_EMPTY_ID = tl.constexpr(1 << 29)
 
 
 @triton.jit
@@ -110,10 +110,11 @@ def _select_blocks_kernel(
     col = tl.arange(0, KPAD)[None, :]  # [1, KPAD]
     slot_ok = col < (TOPK - 1)
     top_v = tl.full([BLOCK_M, KPAD], float("-inf"), tl.float32)
-    top_i = tl.zeros([BLOCK_M, KPAD], tl.int64) + _EMPTY_ID + col  # distinct ids keep eviction unique
+    # int32 ids: half the registers and compare cost of int64 in the per-block insertion.
+    top_i = tl.zeros([BLOCK_M, KPAD], tl.int32) + _EMPTY_ID + col  # distinct ids keep eviction unique
 
     # Candidates are blocks [0, hi): hi is the local block of the tile's last valid query.
-    hi = (k_len - q_len + tl.minimum(m0 + BLOCK_M, q_len) - 1) // BK
+    hi = ((k_len - q_len + tl.minimum(m0 + BLOCK_M, q_len) - 1) // BK).to(tl.int32)  # b is int32
     for b in range(0, hi):
         k_rows = b * BK + offs_n  # [BKP] row inside the key sequence
         k_ptrs = KI + (k_start + k_rows)[:, None] * stride_kt + offs_d[None, :]
