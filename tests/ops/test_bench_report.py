@@ -1,0 +1,36 @@
+"""tools/bench_throughput.py report: speedup column, target verdict, failed runs never get a ratio."""
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("bench_throughput", REPO / "tools" / "bench_throughput.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+META = {"model": "small", "params": "0.77B total", "attention": "paper", "tokens_per_step": 32768,
+        "warmup": 2, "steps": 5, "torch": "2.11", "triton": "3.6"}
+
+
+def _r(variant, seq, tps, ok=True, tflops=100.0):
+    return {"variant": variant, "seq_len": seq, "tokens_per_sec": tps, "tflops": tflops,
+            "dense_equiv_tflops": 2 * tflops, "max_mem_gib": 10.0, "ok": ok, "final_loss": 7.0}
+
+
+def test_ratio_and_target_verdict():
+    md = bench.markdown([_r("msa", 32768, 30000.0), _r("dense", 32768, 15000.0),
+                         _r("msa", 8192, 10000.0), _r("dense", 8192, 10000.0)],
+                        "NVIDIA H100 80GB HBM3", 989.4, META)
+    assert "NVIDIA H100 80GB HBM3" in md
+    row32 = next(l for l in md.splitlines() if l.startswith("| 32K | MSA"))
+    assert "**2.00x** (target 1.5x: met)" in row32 and "10.1%" in row32
+    row8 = next(l for l in md.splitlines() if l.startswith("| 8K | MSA"))
+    assert "**1.00x**" in row8 and "target" not in row8
+
+
+def test_failed_run_gets_no_speedup_and_unknown_card_no_mfu():
+    md = bench.markdown([_r("msa", 32768, 90000.0, ok=False), _r("dense", 32768, 15000.0)],
+                        "Mystery GPU", None, META)
+    assert "FAILED" in md and "x**" not in md
+    assert "peak unknown" in md
+    dense_row = next(l for l in md.splitlines() if "dense-GQA twin" in l)
+    assert "| - |" in dense_row  # no MFU without a known peak

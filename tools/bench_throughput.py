@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""Training throughput of an MSA model and its dense-GQA twin on one GPU, measured in the same run.
+
+    python tools/bench_throughput.py                       # small MSA-MoE vs twin at 8K and 32K
+    python tools/bench_throughput.py --seq 8192 32768 --steps 6 --json out.json --markdown out.md
+
+The twin is the same model with full causal attention in every layer (attention.layer_map all 0:
+no index branch, torch SDPA flash/cuDNN attention). The MSA model trains in the sparse stage
+(top-k block-sparse attention + indexer KL). Both run the trainer's own step (msa_train.trainer:
+Megatron DDP, distributed optimizer, bf16) on synthetic tokens, so the numbers are what training
+sees, minus the data loader.
+
+Per configuration: build, `--warmup` untimed steps (Triton autotuning, allocator), then `--steps`
+timed steps between CUDA synchronizations. Reported: tokens/s, TFLOP/s by msa_train.model.flops
+(MoE on active parameters, attention on the pairs computed; the twin's own dense count), MFU
+against the card's dense bf16 peak (none for an unknown card), the MSA model's dense-equivalent
+TFLOP/s, peak memory, and the MSA / twin tokens/s ratio per length. A configuration whose loss is
+not finite is reported as failed, never as a speedup.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+TARGET_SPEEDUP = {32768: 1.5}  # issue 5: MSA >= 1.5x the twin's tokens/s at 32K
+
+
+def _compose(model: str, attention: str, seq: int, tokens_per_step: int, extra: List[str]):
+    from msa_train.dry_run import compose
+
+    if tokens_per_step % seq:
+        raise ValueError(f"--tokens-per-step {tokens_per_step} must be a multiple of --seq {seq}")
+    return compose([f"model={model}", f"attention={attention}", "parallel=single", "data=mock",
+                    "logging=none", "checkpoint=none", "stage.run=sparse",
+                    f"train.seq_length={seq}", "train.micro_batch_size=1",
+                    f"train.global_batch_size={tokens_per_step // seq}",
+                    "train.recompute_granularity=null", "train.eval_interval=null", *extra])
+
+
+def _twin(cfg):
+    """Same model, full attention everywhere (no MSA layer, no index branch)."""
+    twin = copy.deepcopy(cfg)
+    twin.attention.layer_map = [0] * int(cfg.model.num_layers)
+    twin.attention.layer_ids = None
+    return twin
+
+
+def _batches(vocab: int, seq: int, device, seed: int):
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    while True:
+        tokens = torch.randint(0, vocab, (1, seq + 1), generator=g).to(device)
+        yield {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+               "loss_mask": torch.ones(1, seq, device=device),
+               "position_ids": torch.arange(seq, device=device)[None]}
+
+
+def measure(cfg, runtime, variant: str, warmup: int, steps: int) -> Dict:
+    import torch
+
+    from msa_train.data import padded_vocab_size
+    from msa_train.metrics.flops import FlopsPerToken
+    from msa_train.trainer.schedule import build_plan
+    from msa_train.trainer.setup import build_stage
+    from msa_train.trainer.step import train_step
+    from omegaconf import OmegaConf
+
+    seq = int(cfg.train.seq_length)
+    gbs = int(cfg.train.global_batch_size)
+    plan = build_plan(cfg.stage, cfg.train)
+    stage = plan.stage("sparse")
+    model_cfg, attn_cfg = OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.attention)
+    # Synthetic tokens over the model's own vocabulary (not the data tokenizer's), so the output
+    # layer has the size the FLOP count assumes.
+    vocab = padded_vocab_size(int(model_cfg.vocab_size),
+                              int(cfg.data.tokenizer.make_vocab_size_divisible_by), 1)
+    fpt = FlopsPerToken.for_model(model_cfg, attn_cfg, seq, "sparse")
+    if variant == "dense":  # the twin's own work is its dense-equivalent count
+        fpt = FlopsPerToken(actual=fpt.dense_equiv, dense_equiv=fpt.dense_equiv)
+    cuda = runtime.device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    objs = build_stage(cfg, runtime, stage, vocab)
+    it = _batches(int(model_cfg.vocab_size), seq, runtime.device, int(cfg.train.seed))
+
+    def step():
+        return train_step(objs.chunks, objs.optimizer, objs.scheduler, objs.config, it,
+                          num_microbatches=gbs, seq_length=seq, micro_batch_size=1,
+                          global_batch_size=gbs, device=runtime.device, cp_size=1)
+
+    losses = []
+    try:
+        for _ in range(warmup):
+            losses.append(step().lm_loss)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            losses.append(step().lm_loss)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    finally:
+        mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        del objs
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    ok = all(l is not None and math.isfinite(l) for l in losses)
+    tps = steps * gbs * seq / seconds
+    return {"variant": variant, "seq_len": seq, "tokens_per_step": gbs * seq, "steps": steps,
+            "seconds": seconds, "tokens_per_sec": tps, "flops_per_token": fpt.actual,
+            "dense_equiv_flops_per_token": fpt.dense_equiv, "tflops": tps * fpt.actual / 1e12,
+            "dense_equiv_tflops": tps * fpt.dense_equiv / 1e12, "max_mem_gib": mem,
+            "final_loss": losses[-1] if losses else None, "ok": ok}
+
+
+def _fmt(v, spec, none="-"):
+    return none if v is None else format(v, spec)
+
+
+def _seq_label(seq: int) -> str:
+    return f"{seq // 1024}K" if seq % 1024 == 0 else str(seq)
+
+
+def markdown(results: List[Dict], device: str, peak: Optional[float], meta: Dict) -> str:
+    lines = [f"Card: **{device}** (dense bf16 peak "
+             f"{_fmt(peak, '.1f', 'unknown')} TFLOP/s). {meta['model']} model "
+             f"({meta['params']}), attention={meta['attention']}, {meta['tokens_per_step']} "
+             f"tokens per step, {meta['warmup']} warmup + {meta['steps']} timed steps, "
+             f"torch {meta['torch']}, triton {meta['triton']}.", "",
+             "| seq | model | tokens/s | TFLOP/s | MFU | dense-equiv TFLOP/s | peak mem GiB | "
+             "MSA / dense tokens/s |", "|---|---|---|---|---|---|---|---|"]
+    by = {(r["seq_len"], r["variant"]): r for r in results}
+    for r in results:
+        ratio = ""
+        if r["variant"] == "msa" and (r["seq_len"], "dense") in by:
+            d = by[(r["seq_len"], "dense")]
+            if r["ok"] and d["ok"]:
+                x = r["tokens_per_sec"] / d["tokens_per_sec"]
+                target = TARGET_SPEEDUP.get(r["seq_len"])
+                ratio = f"**{x:.2f}x**" + (f" (target {target}x: {'met' if x >= target else 'NOT met'})"
+                                           if target else "")
+            else:
+                ratio = "n/a (non-finite loss)"
+        mfu = None if peak is None else r["tflops"] / peak
+        name = "MSA (sparse stage)" if r["variant"] == "msa" else "dense-GQA twin"
+        mfu_s = "-" if mfu is None else f"{100 * mfu:.1f}%"
+        lines.append(f"| {_seq_label(r['seq_len'])} | {name} | {r['tokens_per_sec']:,.0f} | "
+                     f"{r['tflops']:.1f} | {mfu_s} | "
+                     f"{r['dense_equiv_tflops']:.1f} | {_fmt(r['max_mem_gib'], '.1f')} | {ratio} |"
+                     if r["ok"] else
+                     f"| {_seq_label(r['seq_len'])} | {name} | FAILED (loss {r['final_loss']}) | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="small", help="configs/model entry")
+    ap.add_argument("--attention", default="paper", help="configs/attention entry")
+    ap.add_argument("--seq", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--tokens-per-step", type=int, default=32768)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--variants", nargs="+", default=["msa", "dense"], choices=["msa", "dense"])
+    ap.add_argument("--json", default=None, help="write the raw results here")
+    ap.add_argument("--markdown", default=None, help="write the results table here")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides (e.g. train.precision=fp32)")
+    a = ap.parse_args(argv)
+    if a.steps < 1 or a.warmup < 0:
+        ap.error("--steps must be >= 1 and --warmup >= 0")
+
+    import torch
+
+    from msa_train.metrics.peaks import current_device_name, resolve_peak_tflops
+    from msa_train.metrics.progress import format_count
+    from msa_train.trainer.runtime import init_runtime, shutdown_runtime
+
+    first = _compose(a.model, a.attention, a.seq[0], a.tokens_per_step, a.overrides)
+    runtime = init_runtime(first.train, first.parallel)
+    device = current_device_name() or "CPU"
+    peak = resolve_peak_tflops(first.logging.peak_tflops) if runtime.device.type == "cuda" else None
+    results = []
+    try:
+        for seq in a.seq:
+            cfg = _compose(a.model, a.attention, seq, a.tokens_per_step, a.overrides)
+            for variant in a.variants:
+                vcfg = cfg if variant == "msa" else _twin(cfg)
+                r = measure(vcfg, runtime, variant, a.warmup, a.steps)
+                print(json.dumps(r), flush=True)
+                results.append(r)
+    finally:
+        shutdown_runtime()
+    from omegaconf import OmegaConf
+
+    from msa_train.model.flops import count_parameters
+
+    counts = count_parameters(OmegaConf.to_object(first.model), OmegaConf.to_object(first.attention))
+    import triton
+
+    meta = {"model": a.model, "attention": a.attention, "tokens_per_step": a.tokens_per_step,
+            "warmup": a.warmup, "steps": a.steps, "torch": torch.__version__,
+            "triton": triton.__version__,
+            "params": f"{format_count(counts.total)} total / {format_count(counts.active)} active "
+                      "params"}
+    table = markdown(results, device, peak, meta)
+    print(table)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": device, "peak_tflops": peak, "meta": meta, "results": results}, f,
+                      indent=1)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(table)
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
