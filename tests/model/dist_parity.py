@@ -6,7 +6,7 @@ Run with torchrun (gloo on CPU, NCCL on GPU):
 With --make-ref (1 process) it writes the reference instead. Per mode (dense, then sparse) it runs
 forward/backward through Megatron's pipeline schedule with DDP and finalize_model_grads, and
 compares the loss, the per-layer indexer KL and every gradient (rank shard vs the sliced
-reference); after the dense step it takes one Adam step (distributed optimizer if --dist-opt) and
+reference); after the sparse pass it takes one Adam step (distributed optimizer if --dist-opt) and
 compares the updated parameters. Exit code 1 when any relative error exceeds --tol.
 """
 
@@ -102,7 +102,9 @@ def main() -> int:
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.0, clip_grad=1.0,
+        # adam_eps well above the tiny gradients keeps the first Adam update linear in them:
+        # with eps=1e-8 it is ~lr*sign(g), which float reduction order can flip for g ~ 0.
+        OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.0, clip_grad=1.0, adam_eps=1e-3,
                         use_distributed_optimizer=args.dist_opt, params_dtype=dtype,
                         bf16=dtype == torch.bfloat16),
         [model], use_gloo_process_groups=False,
@@ -168,7 +170,7 @@ def main() -> int:
         grads = {}
         for info, param in named_shards(model, config):
             grads[info.global_name] = (info, param.main_grad.detach().float().clone())
-        if mode == "dense":
+        if mode == "sparse":
             ok, _, _ = optimizer.step()
             if not ok:
                 raise RuntimeError("optimizer step failed")
@@ -178,7 +180,7 @@ def main() -> int:
             results[mode] = {
                 "loss": loss, "kl": kl,
                 "grads": {k: g.cpu() for k, (i, g) in grads.items()},
-                "params": {k: p.cpu() for k, (i, p) in params.items()} if mode == "dense" else {},
+                "params": {k: p.cpu() for k, (i, p) in params.items()} if mode == "sparse" else {},
             }
             continue
         r = ref[mode]
@@ -194,7 +196,7 @@ def main() -> int:
                     print(mode, name, rel_err(g, local_slice(r["grads"][name], info)), flush=True)
                 if "indexer" in name:
                     note(f"{mode}/index_grads", rel_err(g, local_slice(r["grads"][name], info)))
-        if mode == "dense":
+        if mode == "sparse":
             for name, (info, p) in params.items():
                 note("params_after_step", rel_err(p, local_slice(r["params"][name], info)))
 
