@@ -73,10 +73,6 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "trainer bug: msa_train.trainer.init_from.load_weights rejects the common (non-tensor) state "
-    "every msa-train checkpoint holds ('progress', 'opt_param_scheduler' come back from "
-    "dist_checkpointing.load as unexpected keys); remove this mark once it loads them"))
 def test_plot_pattern_from_checkpoint(tmp_path):
     script = tmp_path / "make_and_plot.py"
     script.write_text(SCRIPT.replace("{repo!r}", repr(str(REPO))))
