@@ -19,8 +19,10 @@ import os
 import sys
 from typing import Any, Mapping, Optional, TextIO
 
+from msa_train.metrics import keys
 from msa_train.metrics.config import validate_logging_config
 from msa_train.metrics.console import console_line
+from msa_train.metrics.flops import max_allocated_gib
 from msa_train.metrics.jsonl import METRICS_FILENAME, JsonlWriter
 
 
@@ -67,10 +69,18 @@ class MetricsLogger:
         return n > 0 and step % n == 0
 
     def log(self, step: int, metrics: Mapping[str, Any], console: bool = True) -> None:
-        """Record one step. None values are dropped (a metric that does not apply is absent)."""
+        """Record one step. None values are dropped (a metric that does not apply is absent).
+
+        On CUDA, mem/max_allocated_gib (peak since the previous log call) is added when the
+        caller did not supply it.
+        """
         if not self.active:
             return
         clean = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items() if v is not None}
+        if keys.MAX_ALLOCATED_GIB not in clean:
+            mem = max_allocated_gib(reset=True)
+            if mem is not None:
+                clean[keys.MAX_ALLOCATED_GIB] = mem
         if self._jsonl is not None:
             self._jsonl.write(step, clean, stage=self.job_type)
         if self._wandb is not None:
