@@ -102,8 +102,10 @@ class CheckpointConfig:
     # Weights only (stage hand-off, dense -> MSA conversion): a save dir (its latest iteration) or
     # an iter_XXXXXXX dir. Used only when there is nothing to resume.
     init_from: Optional[str] = None
-    # With init_from from an msa-train checkpoint: continue its data position and step counter,
-    # so a separate stage-2 job reads the samples a continuous run would.
+    # Stage hand-off: when init_from is an msa-train checkpoint that ends exactly where this job's
+    # first stage starts (stage 1's final checkpoint for a stage.run=sparse job), continue its data
+    # position and step counter, so the job reads the samples a continuous run would. Any other
+    # init_from (a dense checkpoint to convert) starts the data at this job's first stage.
     init_continue_data: bool = True
     keep_last_k: Optional[int] = None  # None keeps every checkpoint
     # Fields of this group a recipe needs set (e.g. [save, init_from] for a CPT job). A '???' in a

@@ -96,10 +96,13 @@ def load_weights(directory: str, chunks, is_index_param: Callable[[str], bool],
                 "MSA index-branch projections may be missing (dense -> MSA conversion)")
         for name in absent:
             del sharded[name]
+        state_key = model_state_key(i, len(chunks))
         with torch.no_grad():
-            loaded = dist_checkpointing.load(sharded, directory,
+            # Wrapped under the key the trainer saves it with; the checkpoint's common (non-tensor)
+            # entries come back beside it and are dropped.
+            loaded = dist_checkpointing.load({state_key: sharded}, directory,
                                              strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-            result = module.load_state_dict(loaded, strict=False)
+            result = module.load_state_dict(loaded[state_key], strict=False)
         unexpected_missing = [k for k in result.missing_keys
                               if k not in absent and not k.endswith("_extra_state")]
         if unexpected_missing or result.unexpected_keys:

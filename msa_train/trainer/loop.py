@@ -120,9 +120,12 @@ class Trainer:
         elif self.cfg.checkpoint.init_from:
             init_dir = layout.resolve(self.cfg.checkpoint.init_from, "checkpoint.init_from")
             saved = layout.read_state_json(init_dir)
-            if saved and self.cfg.checkpoint.init_continue_data:
-                # Stage hand-off: keep counting where the previous job stopped.
-                prev = Progress.from_dict(saved.get("progress", {}))
+            prev = Progress.from_dict((saved or {}).get("progress", {}))
+            first = self.plan.job_stages[0]
+            if (saved and self.cfg.checkpoint.init_continue_data
+                    and prev.iteration == first.start_step > 0):
+                # Stage hand-off: the checkpoint ends exactly where this job's first stage starts,
+                # so keep its data position (no sample is seen twice, as in a continuous run).
                 self.progress = Progress(iteration=prev.iteration, consumed_samples=prev.consumed_samples)
         first_stage = self.plan.job_stages[0]
         if not resume_dir and self.progress.iteration < first_stage.start_step:

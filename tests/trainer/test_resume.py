@@ -1,0 +1,55 @@
+"""Resume and stage hand-off are bitwise exact on CPU (losses, weights and optimizer state)."""
+
+import os
+
+import pytest
+
+from tests.trainer.helpers import (SMALL, assert_same_tensors, load_checkpoint_tensors,
+                                   losses_by_step, run_train)
+
+pytestmark = pytest.mark.slow
+TOTAL = 6  # 3 warmup + 3 sparse steps (SMALL)
+
+
+@pytest.fixture(scope="module")
+def continuous(tmp_path_factory):
+    root = tmp_path_factory.mktemp("continuous")
+    run_train([*SMALL, f"checkpoint.save={root}/ckpt"], str(root / "run"))
+    return root
+
+
+def _final(root, it=TOTAL):
+    return os.path.join(str(root), "ckpt", f"iter_{it:07d}")
+
+
+def test_stop_and_resume_equals_continuous(continuous, tmp_path):
+    save = f"checkpoint.save={tmp_path}/ckpt"
+    run_dir = str(tmp_path / "run")
+    # Stop mid-warmup (k=2), then mid-sparse (k=4: across the stage switch), then finish.
+    first = run_train([*SMALL, save, "train.max_steps_per_job=2"], run_dir)
+    assert "stopping after 2 steps" in first.stdout
+    second = run_train([*SMALL, save, "train.max_steps_per_job=2"], run_dir)
+    assert "resume:" in second.stdout and "step 2" in second.stdout
+    run_train([*SMALL, save], run_dir)
+
+    expected = losses_by_step(str(continuous / "run"))
+    got = losses_by_step(run_dir)
+    assert sorted(got) == sorted(expected) == list(range(1, TOTAL + 1))
+    assert got == expected, (got, expected)  # bitwise: float equality of every logged loss
+    assert_same_tensors(load_checkpoint_tensors(_final(continuous), tmp_path),
+                        load_checkpoint_tensors(_final(tmp_path), tmp_path))
+
+
+def test_stage_two_as_separate_job_equals_continuous(continuous, tmp_path):
+    run_dir = str(tmp_path / "run")
+    run_train([*SMALL, "stage.run=warmup", f"checkpoint.save={tmp_path}/stage1"], run_dir)
+    second = run_train([*SMALL, "stage.run=sparse", f"checkpoint.init_from={tmp_path}/stage1",
+                        f"checkpoint.save={tmp_path}/stage2"], run_dir)
+    assert "init_from" in second.stdout and "added" not in second.stdout
+
+    expected = losses_by_step(str(continuous / "run"))
+    assert losses_by_step(run_dir) == expected
+    split = load_checkpoint_tensors(os.path.join(str(tmp_path), "stage2", f"iter_{TOTAL:07d}"), tmp_path)
+    whole = load_checkpoint_tensors(_final(continuous), tmp_path)
+    # Weights and the sparse stage's optimizer state: each stage starts a fresh optimizer.
+    assert_same_tensors(whole, split)
