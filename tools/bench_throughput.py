@@ -159,7 +159,8 @@ def markdown(results: List[Dict], device: str, peak: Optional[float], meta: Dict
                      f"{r['tflops']:.1f} | {mfu_s} | "
                      f"{r['dense_equiv_tflops']:.1f} | {_fmt(r['max_mem_gib'], '.1f')} | {ratio} |"
                      if r["ok"] else
-                     f"| {_seq_label(r['seq_len'])} | {name} | FAILED (loss {r['final_loss']}) | | | | | |")
+                     f"| {_seq_label(r['seq_len'])} | {name} | FAILED "
+                     f"({r.get('error') or 'loss ' + str(r['final_loss'])}) | | | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -195,7 +196,17 @@ def main(argv=None) -> int:
             cfg = _compose(a.model, a.attention, seq, a.tokens_per_step, a.overrides)
             for variant in a.variants:
                 vcfg = cfg if variant == "msa" else _twin(cfg)
-                r = measure(vcfg, runtime, variant, a.warmup, a.steps)
+                try:
+                    r = measure(vcfg, runtime, variant, a.warmup, a.steps)
+                except Exception as e:  # e.g. OOM: record it, measure the other configurations
+                    import traceback
+
+                    traceback.print_exc()
+                    r = {"variant": variant, "seq_len": seq, "ok": False, "final_loss": None,
+                         "error": f"{type(e).__name__}: {str(e)[:200]}"}
+                    gc.collect()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
                 print(json.dumps(r), flush=True)
                 results.append(r)
     finally:

@@ -36,7 +36,8 @@ def console_line(step: int, total_steps: Optional[int], metrics: Mapping[str, fl
     if keys.TOKENS_PER_SEC_PER_GPU in m:
         parts.append(f"{format_count(m[keys.TOKENS_PER_SEC_PER_GPU])} tok/s/gpu")
     if keys.TFLOPS_PER_GPU in m:
-        perf = f"{m[keys.TFLOPS_PER_GPU]:.1f} TFLOP/s/gpu"
+        t = m[keys.TFLOPS_PER_GPU]
+        perf = f"{t:.1f} TFLOP/s/gpu" if t >= 10 else f"{t:.3g} TFLOP/s/gpu"
         if keys.MFU in m:
             perf += f" mfu {100 * m[keys.MFU]:.1f}%"
         parts.append(perf)
