@@ -151,10 +151,9 @@ def markdown(results: List[Dict], device: str, peak: Optional[float], meta: Dict
                 ratio = f"**{x:.2f}x**" + (f" (target {target}x: {'met' if x >= target else 'NOT met'})"
                                            if target else "")
             else:
-                ratio = "n/a (non-finite loss)"
-        mfu = None if peak is None else r["tflops"] / peak
+                ratio = "n/a (a run failed)"
         name = "MSA (sparse stage)" if r["variant"] == "msa" else "dense-GQA twin"
-        mfu_s = "-" if mfu is None else f"{100 * mfu:.1f}%"
+        mfu_s = "-" if peak is None or not r["ok"] else f"{100 * r['tflops'] / peak:.1f}%"
         lines.append(f"| {_seq_label(r['seq_len'])} | {name} | {r['tokens_per_sec']:,.0f} | "
                      f"{r['tflops']:.1f} | {mfu_s} | "
                      f"{r['dense_equiv_tflops']:.1f} | {_fmt(r['max_mem_gib'], '.1f')} | {ratio} |"

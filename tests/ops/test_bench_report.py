@@ -28,9 +28,12 @@ def test_ratio_and_target_verdict():
 
 
 def test_failed_run_gets_no_speedup_and_unknown_card_no_mfu():
-    md = bench.markdown([_r("msa", 32768, 90000.0, ok=False), _r("dense", 32768, 15000.0)],
-                        "Mystery GPU", None, META)
-    assert "FAILED" in md and "x**" not in md
+    oom = {"variant": "dense", "seq_len": 8192, "ok": False, "final_loss": None,
+           "error": "OutOfMemoryError: CUDA out of memory"}
+    md = bench.markdown([_r("msa", 32768, 90000.0, ok=False), _r("dense", 32768, 15000.0),
+                         _r("msa", 8192, 5000.0), oom], "Mystery GPU", None, META)
+    assert "FAILED" in md and "x**" not in md and "OutOfMemoryError" in md
+    assert "n/a (a run failed)" in md
     assert "peak unknown" in md
     dense_row = next(l for l in md.splitlines() if "dense-GQA twin" in l)
     assert "| - |" in dense_row  # no MFU without a known peak
