@@ -1,5 +1,6 @@
 """wandb: offline by default, and a resumed job continues the same run id (offline, tmp dir)."""
 import glob
+from pathlib import Path
 import os
 
 import pytest
@@ -7,6 +8,7 @@ import pytest
 from msa_train.metrics import LoggingConfig, MetricsLogger, keys
 from msa_train.metrics.wandb_run import load_run_id
 
+REPO = Path(__file__).resolve().parents[2]
 wandb = pytest.importorskip("wandb")
 
 
@@ -49,3 +51,31 @@ def test_resumed_job_continues_same_wandb_run(offline_env, tmp_path):
     sparse.close()
     assert _offline_run_ids(run_dir).count(run_id) == 2
     assert load_run_id(run_dir, "sparse") == sparse.wandb_run_id
+
+
+def test_logging_none_needs_no_wandb(tmp_path):
+    """logging=none (configs/logging/none.yaml) must work where wandb is not installed."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["wandb"] = None  # any `import wandb` now raises ImportError
+        from omegaconf import OmegaConf
+        from msa_train.metrics import LoggingConfig, MetricsLogger, keys
+        cfg = OmegaConf.merge(OmegaConf.structured(LoggingConfig),
+                              OmegaConf.load({str(REPO / "configs/logging/none.yaml")!r}))
+        with MetricsLogger(cfg, {str(tmp_path)!r}, job_type="dense") as lg:
+            lg.log(1, {{keys.LM_LOSS: 1.0}})
+        cfg.wandb, cfg.mode = True, "offline"
+        try:
+            MetricsLogger(cfg, {str(tmp_path / "w")!r}, job_type="dense")
+        except ImportError as e:
+            assert "logging=none" in str(e), e
+        else:
+            raise AssertionError("wandb=true without wandb must fail with a clear error")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "metrics.jsonl").exists()
