@@ -308,7 +308,7 @@ def bench_length(args, t: int, res: Results, device) -> None:
         layer_ok = all(ok(o) == "ok" for o in ("select_blocks", "sparse_fwd", "sparse_bwd", "indexer_kl"))
         note = "parity failed: no speedup reported"
         if layer_ok:
-            note = ", ".join(f"{dense[n] / layer_ms:.1f}x vs dense {n} fwd+bwd" for n in dense)
+            note = ", ".join(f"{dense[n] / layer_ms:.2f}x vs dense {n} fwd+bwd" for n in dense)
         res.add(Row(t, pattern, "MSA layer (select+fwd+bwd+KL)", layer_ms, None,
                     "ok" if layer_ok else "FAIL", note))
         if args.flex:

@@ -65,8 +65,8 @@ def _sparse_bwd_kv_kernel(
     head = r * G + g
     for start in range(begin, end, TM):
         idx = start + tm
-        row_ok = (idx < end) & (g < G)
-        tok = tl.load(TOKENS + idx, mask=row_ok, other=0)
+        tok = tl.load(TOKENS + idx, mask=idx < end, other=-1)  # -1: padding / repeated pick
+        row_ok = (tok >= 0) & (g < G)
         qk_row = tl.load(QK_ROW + tok, mask=row_ok, other=-1)
         q_off = (tok.to(tl.int64) * HQ + head) * D  # [M]
         q = tl.load(Q + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)  # [M, D]
@@ -86,8 +86,9 @@ def _sparse_bwd_kv_kernel(
         if WRITE_DQ:
             dq = mma(tl.trans(ds_t), k, DOT_FP32) * sm_scale  # [M, D]
             tl.atomic_add(DQ32 + q_off[:, None] + d[None, :], dq, mask=row_ok[:, None], sem="relaxed")
-    tl.atomic_add(DK32 + kv_off[:, None] + d[None, :], dk * sm_scale, mask=k_ok[:, None], sem="relaxed")
-    tl.atomic_add(DV32 + kv_off[:, None] + d[None, :], dv, mask=k_ok[:, None], sem="relaxed")
+    out_ok = k_ok & (end > begin)  # empty units of the over-sized grid add nothing
+    tl.atomic_add(DK32 + kv_off[:, None] + d[None, :], dk * sm_scale, mask=out_ok[:, None], sem="relaxed")
+    tl.atomic_add(DV32 + kv_off[:, None] + d[None, :], dv, mask=out_ok[:, None], sem="relaxed")
 
 
 @triton.jit
@@ -147,17 +148,18 @@ def dq_mode(bcfg: BwdConfig, tiles: QTileSchedule, blk_rows: torch.Tensor) -> st
     neighbouring tokens share their blocks and loses to atomics when they do not (random patterns)."""
     if bcfg.dq_mode != "auto":
         return bcfg.dq_mode
-    picks = int((blk_rows >= 0).sum().item())
+    union, picks = torch.stack([tiles.counts.sum(dtype=torch.int64), (blk_rows >= 0).sum()]).tolist()  # one sync
     if picks == 0:
         return "qouter"
-    ratio = float(tiles.counts.sum().item()) * tiles.tokens_per_tile / picks
+    ratio = union * tiles.tokens_per_tile / picks
     return "qouter" if ratio <= bcfg.auto_ratio else "atomic"
 
 
 def sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, tiles: QTileSchedule, blk_rows: torch.Tensor,
                          qk_rows: torch.Tensor, block_size: int, scale: float, deterministic: bool,
-                         bcfg: BwdConfig):
-    """Gradients (dq, dk, dv) in the input dtype."""
+                         bcfg: BwdConfig, max_blocks: int):
+    """Gradients (dq, dk, dv) in the input dtype. max_blocks: upper bound on the key blocks of all
+    sequences (sizes the KV-unit grid without a host sync)."""
     t, hq, hkv, dim, group = check_shapes(q, k, v, block_size)
     tk = k.shape[0]
     d_out = d_out.contiguous()
@@ -171,7 +173,7 @@ def sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, tiles: QTileSchedule, 
     gp = next_pow2(group)
     block_n = min(bcfg.block_n, block_size)
     mode = "qouter" if deterministic else dq_mode(bcfg, tiles, blk_rows)
-    units = build_kv_units(blk_rows, 0 if deterministic else bcfg.chunk)
+    units = build_kv_units(blk_rows, 0 if deterministic else bcfg.chunk, tk, max_blocks)
     dk32 = torch.zeros((tk, hkv, dim), dtype=torch.float32, device=q.device)
     dv32 = torch.zeros_like(dk32)
     dq32 = torch.zeros((t, hq, dim), dtype=torch.float32, device=q.device) if mode == "atomic" else None

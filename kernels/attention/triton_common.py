@@ -118,57 +118,62 @@ def build_q_tiles(blk_rows: torch.Tensor, tokens_per_tile: int) -> QTileSchedule
 class KVUnitSchedule:
     """Reverse block -> query index, cut into work units of at most ``chunk`` queries."""
 
-    num_units: int
-    tokens: torch.Tensor  # int32 [E] query rows, grouped by (group, block), ascending inside a group
+    num_units: int  # grid size; units past the last real one are empty (begin == end)
+    tokens: torch.Tensor  # int32 [Hkv*T*K] query rows grouped by (group, block), ascending; -1 = skip
     unit_group: torch.Tensor  # int32 [U] KV head r
     unit_block_row: torch.Tensor  # int32 [U] first key row of the unit's block
     unit_begin: torch.Tensor  # int32 [U] range of ``tokens`` owned by the unit
     unit_end: torch.Tensor  # int32 [U]
 
 
-def build_kv_units(blk_rows: torch.Tensor, chunk: int) -> KVUnitSchedule:
-    """Counting-sort the (group, block, token) picks by (group, block) and cut them into units.
+def build_kv_units(blk_rows: torch.Tensor, chunk: int, num_rows: int, max_blocks: int) -> KVUnitSchedule:
+    """Sort the (group, block, token) picks by (group, block) and cut them into units, with no host
+    sync: the unit grid is an upper bound (extra units are empty and exit at once).
 
     chunk: most queries per unit; 0 means one unit per (group, block) (deterministic dK/dV: every
-    key row then receives exactly one contribution).
+    key row then receives exactly one contribution). num_rows: rows of k (every block row is
+    smaller). max_blocks: an upper bound on the distinct blocks of all key sequences.
+    Entries of unused slots and a token's repeated pick of one block keep their place in ``tokens``
+    as -1 (the kernel skips them), so no compaction (and no sync) is needed.
     """
     hkv, t, k = blk_rows.shape
     dev = blk_rows.device
+    n_ent = hkv * t * k
+    n_seg = hkv * num_rows
     flat = blk_rows.reshape(-1)
-    picked = torch.nonzero(flat >= 0).squeeze(1)  # [E0] entry ids in (r, t, slot) order
-    row = flat[picked]
-    group = picked // (t * k)
-    tok = (picked // k) % t
-    num_rows = int(blk_rows.max().item()) + 1 if picked.numel() else 1
-    seg = group * num_rows + row
+    group = torch.arange(n_ent, device=dev) // max(t * k, 1)
+    seg = torch.where(flat >= 0, group * num_rows + flat, torch.full_like(flat, n_seg))  # unused -> after all
     # Stable: inside a segment the entries keep (t, slot) order, so tokens stay ascending and a
     # token's duplicate picks of one block end up adjacent.
     seg, order = torch.sort(seg, stable=True)
-    tok = tok[order]
-    keep = torch.ones_like(seg, dtype=torch.bool)
-    if seg.numel() > 1:
-        keep[1:] = (seg[1:] != seg[:-1]) | (tok[1:] != tok[:-1])
-    seg, tok = seg[keep], tok[keep]
-    seg_ids, counts = torch.unique_consecutive(seg, return_counts=True)
+    tok = (order // max(k, 1)) % max(t, 1)
+    skip = seg == n_seg
+    if n_ent > 1:
+        skip[1:] |= (seg[1:] == seg[:-1]) & (tok[1:] == tok[:-1])
+    tok = torch.where(skip, torch.full_like(tok, -1), tok)
+    counts = torch.bincount(seg, minlength=n_seg + 1)[:n_seg]  # [Hkv * rows], mostly zeros
     seg_start = torch.cumsum(counts, 0) - counts
     if chunk <= 0:
-        chunks = torch.ones_like(counts)
+        chunks = (counts > 0).to(counts.dtype)
         size = counts
+        grid = hkv * max_blocks
     else:
         chunks = torch.div(counts + chunk - 1, chunk, rounding_mode="floor")
         size = torch.full_like(counts, chunk)
-    num_units = int(chunks.sum().item()) if chunks.numel() else 0
-    unit_seg = torch.repeat_interleave(torch.arange(seg_ids.numel(), device=dev), chunks, output_size=num_units)
-    first_unit = torch.cumsum(chunks, 0) - chunks
-    j = torch.arange(num_units, device=dev) - first_unit[unit_seg]
-    begin = seg_start[unit_seg] + j * size[unit_seg]
-    end = torch.minimum(begin + size[unit_seg], seg_start[unit_seg] + counts[unit_seg])
-    sid = seg_ids[unit_seg]
+        grid = hkv * max_blocks + -(-n_ent // chunk)
+    ends = torch.cumsum(chunks, 0)
+    unit = torch.arange(grid, device=dev)
+    useg = torch.searchsorted(ends, unit, right=True).clamp_(max=max(n_seg - 1, 0))
+    j = unit - (ends[useg] - chunks[useg])
+    begin = seg_start[useg] + j * size[useg]
+    end = torch.minimum(begin + size[useg], seg_start[useg] + counts[useg])
+    live = unit < ends[-1] if n_seg else torch.zeros_like(unit, dtype=torch.bool)
+    end = torch.where(live, end, begin)
     return KVUnitSchedule(
-        num_units=num_units,
+        num_units=grid,
         tokens=tok.to(torch.int32).contiguous(),
-        unit_group=(sid // num_rows).to(torch.int32).contiguous(),
-        unit_block_row=(sid % num_rows).to(torch.int32).contiguous(),
+        unit_group=(useg // num_rows).to(torch.int32).contiguous(),
+        unit_block_row=(useg % num_rows).to(torch.int32).contiguous(),
         unit_begin=begin.to(torch.int32).contiguous(),
         unit_end=end.to(torch.int32).contiguous())
 
@@ -255,7 +260,7 @@ def bwd_config(head_dim: int, group: int, block_size: int, interpret: bool = Fal
     of blocks picked by every query."""
     if interpret:
         return BwdConfig(block_m=max(16, next_pow2(group)), block_n=min(block_size, 32), num_warps=4,
-                         num_stages=1, chunk=8, dq_block_n=min(block_size, 32), dq_num_stages=1)
+                         num_stages=1, chunk=64, dq_block_n=min(block_size, 32), dq_num_stages=1)
     return BwdConfig(block_m=max(32, next_pow2(group)), block_n=min(block_size, 64), num_warps=4,
                      num_stages=3, chunk=512, dq_block_n=min(block_size, 64))
 

@@ -120,19 +120,21 @@ class _SparseAttentionTriton(torch.autograd.Function):
         out, lse = sparse_attention_fwd(q, k, v, tiles, qk_rows, block_size, scale, fcfg)
         ctx.save_for_backward(q, k, v, out, lse, blk_rows, qk_rows)
         ctx.tiles = tiles
-        ctx.args = (block_size, scale, deterministic, fcfg, bcfg)
+        # Upper bound on distinct key blocks (CP fragments sharing a sequence count it twice: fine).
+        max_blocks = sum(-(-fr.k_len // block_size) for fr in layout.fragments)
+        ctx.args = (block_size, scale, deterministic, fcfg, bcfg, max_blocks)
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse, blk_rows, qk_rows = ctx.saved_tensors
-        block_size, scale, deterministic, fcfg, bcfg = ctx.args
+        block_size, scale, deterministic, fcfg, bcfg, max_blocks = ctx.args
         if d_out is None:
             d_out = torch.zeros_like(out)
         if d_lse is not None:
             d_lse = d_lse.contiguous().float()
         dq, dk, dv = sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, ctx.tiles, blk_rows, qk_rows,
-                                          block_size, scale, deterministic, bcfg)
+                                          block_size, scale, deterministic, bcfg, max_blocks)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 

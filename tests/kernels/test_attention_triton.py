@@ -234,13 +234,16 @@ def test_schedules_cover_every_pick():
             for b, m in zip(blocks, tiles.token_masks[r, tile, :n].tolist()):
                 got |= {(r, tile * 4 + i, b) for i in range(4) if m >> i & 1}
     assert got == want
-    units = triton_common.build_kv_units(rows, chunk=3)
-    got = set()
-    for u in range(units.num_units):
-        a, b = int(units.unit_begin[u]), int(units.unit_end[u])
-        assert 0 < b - a <= 3
-        got |= {(int(units.unit_group[u]), t, int(units.unit_block_row[u])) for t in units.tokens[a:b].tolist()}
-    assert got == want and units.tokens.numel() == len(want)
+    for chunk in (3, 0):
+        units = triton_common.build_kv_units(rows, chunk, 70, 4 + 2)
+        got, n = set(), 0
+        for u in range(units.num_units):
+            a, b = int(units.unit_begin[u]), int(units.unit_end[u])
+            assert 0 <= b - a <= (3 if chunk else 70)
+            picks = [t for t in units.tokens[a:b].tolist() if t >= 0]
+            n += len(picks)
+            got |= {(int(units.unit_group[u]), t, int(units.unit_block_row[u])) for t in picks}
+        assert got == want and n == len(want)  # every pick once, in exactly one unit
 
 
 def test_bad_input_names_the_argument():
