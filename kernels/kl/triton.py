@@ -59,6 +59,8 @@ def _teacher_student_tile(
     d_ok = offs_d < D
     k = tl.load(K + k_rows[:, None] * stride_kt + r * stride_kh + offs_d[None, :],
                 mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [N, DP]
+    # One [M, D] x [D, N] dot per head. (Packing the G heads into one [M*G, D] operand with a
+    # reshape-sum for the head mean measured 3x slower on H200: see kernels/BENCHMARKS_index.md.)
     p = tl.zeros(mask.shape, tl.float32)
     for h in range(G):
         head = r * G + h
@@ -219,12 +221,14 @@ def _kl_sparse_dk_kernel(
     for e0 in range(beg, end, TM):
         idx = e0 + tl.arange(0, TM)
         ok = idx < end
-        q_rows = tl.load(TOKENS + idx, mask=ok, other=0).to(tl.int64)
+        q_rows = tl.load(TOKENS + idx, mask=ok, other=-1).to(tl.int64)
+        ok = ok & (q_rows >= 0)  # -1: unused slot or a token's repeated pick of the block
         qk_rows = tl.load(QK_ROWS + q_rows, mask=ok, other=-1).to(tl.int64)
         dk += _dk_tile(Q, K, LSE, QI, KI, LSES, PSUM, q_rows, ok, qk_rows, k_rows, k_ok, r, scale,
                        iscale, stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, stride_lh,
                        stride_qit, stride_qih, stride_kit, stride_st, G, D, DP, DI, DIP, PRECISION)
-    _store_dk(DK, k_rows, k_ok, r, dk * iscale, stride_dkh, stride_dkt, DI, DIP, ATOMIC)
+    if end > beg:  # empty units of the upper-bound grid must not touch rows another unit owns
+        _store_dk(DK, k_rows, k_ok, r, dk * iscale, stride_dkh, stride_dkt, DI, DIP, ATOMIC)
 
 
 @triton.jit
@@ -250,7 +254,8 @@ def _kl_kv_student_max_kernel(
     for e0 in range(beg, end, TM):
         idx = e0 + tl.arange(0, TM)
         ok = idx < end
-        q_rows = tl.load(TOKENS + idx, mask=ok, other=0).to(tl.int64)
+        q_rows = tl.load(TOKENS + idx, mask=ok, other=-1).to(tl.int64)
+        ok = ok & (q_rows >= 0)  # -1: unused slot or a token's repeated pick of the block
         qk_rows = tl.load(QK_ROWS + q_rows, mask=ok, other=-1).to(tl.int64)
         qi = tl.load(QI + q_rows[:, None] * stride_qit + r * stride_qih + offs_e[None, :],
                      mask=ok[:, None] & e_ok[None, :], other=0.0)
@@ -285,7 +290,8 @@ def _kl_kv_fwd_kernel(
     for e0 in range(beg, end, TM):
         idx = e0 + tl.arange(0, TM)
         ok = idx < end
-        q_rows = tl.load(TOKENS + idx, mask=ok, other=0).to(tl.int64)
+        q_rows = tl.load(TOKENS + idx, mask=ok, other=-1).to(tl.int64)
+        ok = ok & (q_rows >= 0)  # -1: unused slot or a token's repeated pick of the block
         qk_rows = tl.load(QK_ROWS + q_rows, mask=ok, other=-1).to(tl.int64)
         p, t, qi, ki, mask = _teacher_student_tile(
             Q, K, LSE, QI, KI, q_rows, ok, qk_rows, k_rows, k_ok, r, scale, iscale,
@@ -326,7 +332,8 @@ def _kl_kv_bwd_kernel(
     for e0 in range(beg, end, TM):
         idx = e0 + tl.arange(0, TM)
         ok = idx < end
-        q_rows = tl.load(TOKENS + idx, mask=ok, other=0).to(tl.int64)
+        q_rows = tl.load(TOKENS + idx, mask=ok, other=-1).to(tl.int64)
+        ok = ok & (q_rows >= 0)  # -1: unused slot or a token's repeated pick of the block
         qk_rows = tl.load(QK_ROWS + q_rows, mask=ok, other=-1).to(tl.int64)
         p, t, qi, ki, mask = _teacher_student_tile(
             Q, K, LSE, QI, KI, q_rows, ok, qk_rows, k_rows, k_ok, r, scale, iscale,
@@ -340,7 +347,7 @@ def _kl_kv_bwd_kernel(
         tl.atomic_add(DQ + q_rows[:, None] * stride_dqt + r * stride_dqh + offs_e[None, :], dq,
                       mask=ok[:, None] & e_ok[None, :])
     tl.atomic_add(DK + k_rows[:, None] * stride_dkt + offs_e[None, :], dk * iscale,
-                  mask=k_ok[:, None] & e_ok[None, :])
+                  mask=k_ok[:, None] & e_ok[None, :] & (end > beg))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,12 +558,12 @@ def _sparse_forward(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size, scale
     return kl, lses, psum, dq, qk_rows, blk_rows
 
 
-def _sparse_dk(q, k, lse, q_idx, k_idx, lses, psum, qk_rows, blk_rows, block_size, scale, iscale,
+def _sparse_dk(q, k, lse, q_idx, k_idx, lses, psum, qk_rows, blk_rows, layout, block_size, scale, iscale,
                deterministic):
     t, hq, hkv, d, di, g = _check_kernel_limits(q, k, q_idx, k_idx)
     cfg = _cfg(q.device)
     chunk = 0 if deterministic else cfg["kv_chunk"]
-    units = build_kv_units(blk_rows, chunk)
+    units = build_kv_units(blk_rows, chunk, k.shape[0], _max_blocks(layout, block_size))
     dk = _dk_buffer(k_idx, hkv, deterministic)
     if units.num_units == 0:
         return dk.sum(0)
@@ -574,9 +581,15 @@ def _sparse_dk(q, k, lse, q_idx, k_idx, lses, psum, qk_rows, blk_rows, block_siz
     return dk.sum(0)
 
 
+def _max_blocks(layout: VarlenLayout, block_size: int) -> int:
+    """Upper bound on the distinct key blocks (sizes the sync-free KV-unit grid)."""
+    return sum(-(-fr.k_len // block_size) for fr in layout.fragments)
+
+
 def _kv_units(topk_idx, layout, block_size, chunk):
     blk_rows = block_key_rows(topk_idx, layout, block_size)  # [Hkv, T, K] int64
-    return build_kv_units(blk_rows, chunk), query_key_rows(layout)
+    units = build_kv_units(blk_rows, chunk, layout.total_k, _max_blocks(layout, block_size))
+    return units, query_key_rows(layout)
 
 
 def _kv_forward(q, k, lse, q_idx, k_idx, units, qk_rows, block_size, scale, iscale):
@@ -660,18 +673,18 @@ class _IndexerKLTriton(torch.autograd.Function):
         norm = _norm(layout, k.shape[1], reduction)
         if want:
             ctx.save_for_backward(q, k, lse, q_idx, k_idx, lses, psum, dq, qk_rows, blk_rows)
-            ctx.args = (block_size, scale, iscale, norm, deterministic)
+            ctx.args = (layout, block_size, scale, iscale, norm, deterministic)
         return (kl.sum(dtype=torch.float64) * norm).to(torch.float32)
 
     @staticmethod
     def backward(ctx, grad):
         q, k, lse, q_idx, k_idx, lses, psum, dq, qk_rows, blk_rows = ctx.saved_tensors
-        block_size, scale, iscale, norm, deterministic = ctx.args
+        layout, block_size, scale, iscale, norm, deterministic = ctx.args
         coef = grad.float() * norm
         dq_idx = (dq * coef).to(q_idx.dtype) if ctx.needs_input_grad[3] else None
         dk_idx = None
         if ctx.needs_input_grad[4]:
-            dk = _sparse_dk(q, k, lse, q_idx, k_idx, lses, psum, qk_rows, blk_rows, block_size,
+            dk = _sparse_dk(q, k, lse, q_idx, k_idx, lses, psum, qk_rows, blk_rows, layout, block_size,
                             scale, iscale, deterministic)
             dk_idx = (dk * coef).to(k_idx.dtype)
         return None, None, None, dq_idx, dk_idx, None, None, None, None, None, None, None
