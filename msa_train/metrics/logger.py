@@ -61,6 +61,7 @@ class MetricsLogger:
     def wandb_run_id(self) -> Optional[str]:
         return self._wandb_run_id  # kept after close(): the final checkpoint's JSON records it
 
+    # Both answer alike on every rank (logging or not): callers gate collectives on them.
     def should_log(self, step: int) -> bool:
         return step % self.cfg.log_interval == 0
 
