@@ -109,7 +109,7 @@ def variants(args, out_dir, logf):
             prep = {"T": t, "pattern": pattern,
                     "check_topk_ids": time_ms(lambda: check_topk_ids(sel, lay, bs), budget_ms=100),
                     "q_tiles": time_ms(lambda: tc.build_q_tiles(blk, 8), budget_ms=100),
-                    "kv_units": time_ms(lambda: tc.build_kv_units(blk, 512), budget_ms=100)}
+                    "kv_units": time_ms(lambda: tc.build_kv_units(blk, 512, t, -(-t // bs)), budget_ms=100)}
             tiles = tc.build_q_tiles(blk, 128 // (hq // hkv))
             prep["mean_union_blocks_per_tile"] = float(tiles.counts.float().mean())
             results["prep"].append(prep)
