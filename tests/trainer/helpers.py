@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SMALL = [
     "train.seq_length=256", "train.micro_batch_size=2", "train.global_batch_size=4",
     "stage.warmup.tokens=3072", "stage.sparse.tokens=3072", "train.lr_warmup_steps=1",
-    "logging=none", "logging.plot_at_end=false", "logging.console=false",
+    "logging=none", "logging.log_interval=1", "logging.plot_at_end=false", "logging.console=false",
     "checkpoint.keep_last_k=null",
 ]
 
