@@ -48,23 +48,22 @@ def init_parallel(
 
     use_cuda = torch.cuda.is_available()
     if not torch.distributed.is_initialized():
+        kwargs = {}
         if "RANK" not in os.environ:
-            # Single process without torchrun: a private 1-rank group on a free port.
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            if "MASTER_PORT" not in os.environ:
-                import socket
+            # Single process without torchrun: a private 1-rank group on a free port, without
+            # touching os.environ (child processes, e.g. torchrun launched from a test, inherit it).
+            import socket
 
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", 0))
-                    os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-            os.environ.setdefault("LOCAL_RANK", "0")
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            kwargs = dict(init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(
             backend=backend or ("nccl" if use_cuda else "gloo"),
             timeout=datetime.timedelta(minutes=timeout_minutes),
+            **kwargs,
         )
 
     world = torch.distributed.get_world_size()
