@@ -279,15 +279,15 @@ def time_kl(t_len, hq, hkv, d, di, bs, topk, dev, pattern, deterministic=False):
 def sweep_kl(dev):
     import msa_kernels.kl.triton as klt
     base = dict(klt.CONFIG)
-    for upd in (dict(), dict(pack_heads=False, kv_tm=64, kv_fwd_warps=4), dict(kv_fwd_warps=4),
-                dict(kv_bwd_warps=4), dict(kv_tm=32), dict(stages=3), dict(kv_chunk=1024)):
+    for upd in (dict(), dict(kv_bn=128), dict(kv_bn=32), dict(kv_bwd_warps=4), dict(kv_fwd_warps=8),
+                dict(kv_tm=128, kv_fwd_warps=8)):
         klt.CONFIG.clear(); klt.CONFIG.update(base); klt.CONFIG.update(upd)
         try:
             time_kl(32768, 64, 8, 128, 128, 128, 16, dev, "realistic")
             log(f"  ^ kl sweep cfg {upd or 'default'}")
         except Exception as e:  # a config that does not compile (shared memory) is skipped
             log(f"kl sweep cfg {upd}: failed {type(e).__name__}: {str(e)[:200]}")
-    for upd in (dict(), dict(dense_bm=128, dense_warps=8)):
+    for upd in (dict(), dict(dense_bn=32), dict(dense_warps=8)):
         klt.CONFIG.clear(); klt.CONFIG.update(base); klt.CONFIG.update(upd)
         try:
             time_kl_dense(8192, 64, 8, 128, 128, dev)
@@ -341,7 +341,16 @@ def profile_kl(dev, t_len=32768, hq=64, hkv=8, bs=128, topk=16):
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+    log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60))
+    from msa_kernels.select import triton as selt
+    for fn in (klt._kl_kv_student_max_kernel, klt._kl_kv_fwd_kernel, klt._kl_kv_bwd_kernel,
+               klt._kl_sparse_fwd_kernel, klt._kl_dense_fwd_kernel, klt._kl_dense_dk_kernel,
+               selt._select_blocks_kernel):
+        for cache in fn.device_caches.values():
+            for kern in cache[0].values():
+                kern._init_handles()
+                log(f"  {fn.__name__}: regs={kern.n_regs} spills={kern.n_spills} "
+                    f"smem={kern.metadata.shared} warps={kern.metadata.num_warps}")
 
 
 def main() -> int:
@@ -363,8 +372,6 @@ def main() -> int:
     log(f"card: {card}; torch {torch.__version__}")
     t0 = time.time()
 
-    if args.profile:
-        profile_kl(dev)
     log("== parity ==")
     if args.skip_parity:
         FAILED.append("parity skipped: timings below are not results")
@@ -403,6 +410,8 @@ def main() -> int:
             time_kl(32768, 64, 8, 128, 128, 128, 16, dev, pattern, deterministic=det)
     time_kl(8192, 64, 8, 128, 128, 128, 16, dev, "realistic")
     time_kl_dense(8192, 64, 8, 128, 128, dev)
+    if args.profile:
+        profile_kl(dev)
     log(f"total {time.time() - t0:.0f}s")
 
     with open(os.path.join(args.out, "index_results.md"), "w") as f:

@@ -214,7 +214,9 @@ def _kl_sparse_dk_kernel(
     blk = tl.load(UNIT_ROW + unit).to(tl.int64)
     beg = tl.load(UNIT_BEGIN + unit)
     end = tl.load(UNIT_END + unit)
-    offs_n = tl.arange(0, BKP).to(tl.int64)
+    # Key sub-tile of the unit's block (grid axis 1): BKP <= BK columns per program keeps the
+    # [TM, BKP] score tiles and the dk accumulator in registers.
+    offs_n = tl.program_id(1).to(tl.int64) * BKP + tl.arange(0, BKP).to(tl.int64)
     k_rows = blk + offs_n
     k_ok = (offs_n < BK) & (k_rows < Tk)
     dk = tl.zeros([BKP, DIP], tl.float32)
@@ -244,7 +246,9 @@ def _kl_kv_student_max_kernel(
     blk = tl.load(UNIT_ROW + unit).to(tl.int64)
     beg = tl.load(UNIT_BEGIN + unit)
     end = tl.load(UNIT_END + unit)
-    offs_n = tl.arange(0, BKP).to(tl.int64)
+    # Key sub-tile of the unit's block (grid axis 1): BKP <= BK columns per program keeps the
+    # [TM, BKP] score tiles and the dk accumulator in registers.
+    offs_n = tl.program_id(1).to(tl.int64) * BKP + tl.arange(0, BKP).to(tl.int64)
     k_rows = blk + offs_n
     k_ok = (offs_n < BK) & (k_rows < Tk)
     offs_e = tl.arange(0, DIP)
@@ -284,7 +288,9 @@ def _kl_kv_fwd_kernel(
     blk = tl.load(UNIT_ROW + unit).to(tl.int64)
     beg = tl.load(UNIT_BEGIN + unit)
     end = tl.load(UNIT_END + unit)
-    offs_n = tl.arange(0, BKP).to(tl.int64)
+    # Key sub-tile of the unit's block (grid axis 1): BKP <= BK columns per program keeps the
+    # [TM, BKP] score tiles and the dk accumulator in registers.
+    offs_n = tl.program_id(1).to(tl.int64) * BKP + tl.arange(0, BKP).to(tl.int64)
     k_rows = blk + offs_n
     k_ok = (offs_n < BK) & (k_rows < Tk)
     for e0 in range(beg, end, TM):
@@ -323,7 +329,9 @@ def _kl_kv_bwd_kernel(
     blk = tl.load(UNIT_ROW + unit).to(tl.int64)
     beg = tl.load(UNIT_BEGIN + unit)
     end = tl.load(UNIT_END + unit)
-    offs_n = tl.arange(0, BKP).to(tl.int64)
+    # Key sub-tile of the unit's block (grid axis 1): BKP <= BK columns per program keeps the
+    # [TM, BKP] score tiles and the dk accumulator in registers.
+    offs_n = tl.program_id(1).to(tl.int64) * BKP + tl.arange(0, BKP).to(tl.int64)
     k_rows = blk + offs_n
     k_ok = (offs_n < BK) & (k_rows < Tk)
     offs_e = tl.arange(0, DIP)
@@ -482,14 +490,19 @@ def _interpreting(device) -> bool:
 
 # Tile choices on Hopper (measurements in kernels/BENCHMARKS_index.md); scripts/gpu_check_index.py
 # sweeps alternatives by editing this dict. The interpreter config keeps CPU tests small and fast.
-CONFIG = dict(kv_tm=64, kv_chunk=256, kv_fwd_warps=4, kv_bwd_warps=8, stages=2,
+CONFIG = dict(kv_tm=64, kv_bn=64, kv_chunk=256, kv_fwd_warps=4, kv_bwd_warps=8, stages=2,
               qtile_tm=16, qtile_warps=4, dense_bm=64, dense_bn=64, dense_warps=4)
-INTERPRET_CONFIG = dict(kv_tm=16, kv_chunk=8, kv_fwd_warps=4, kv_bwd_warps=4, stages=1,
+INTERPRET_CONFIG = dict(kv_tm=16, kv_bn=16, kv_chunk=8, kv_fwd_warps=4, kv_bwd_warps=4, stages=1,
                         qtile_tm=16, qtile_warps=4, dense_bm=16, dense_bn=16, dense_warps=4)
 
 
 def _cfg(device) -> dict:
     return INTERPRET_CONFIG if _interpreting(device) else CONFIG
+
+
+def _kv_key_tile(block_size: int, cfg: dict) -> int:
+    """Key columns per KV-outer program (a power of two >= 16, at most the padded block)."""
+    return min(pow2_at_least_16(block_size), max(16, int(cfg["kv_bn"])))
 
 
 def _check_kernel_limits(q, k, q_idx, k_idx):
@@ -568,14 +581,15 @@ def _sparse_dk(q, k, lse, q_idx, k_idx, lses, psum, qk_rows, blk_rows, layout, b
     if units.num_units == 0:
         return dk.sum(0)
     tm = cfg["kv_tm"]
-    _kl_sparse_dk_kernel[(units.num_units,)](
+    bn = _kv_key_tile(block_size, cfg)
+    _kl_sparse_dk_kernel[(units.num_units, triton.cdiv(block_size, bn))](
         q, k, lse, q_idx, k_idx, lses, psum, qk_rows,
         units.tokens, units.unit_group, units.unit_block_row, units.unit_begin, units.unit_end,
         dk, k.shape[0], scale, iscale,
         *_strides(q, k, lse, q_idx, k_idx), lses.stride(0),
         dk.stride(0) if deterministic else 0, dk.stride(1),
         G=g, D=d, DP=pow2_at_least_16(d), DI=di, DIP=pow2_at_least_16(di), TM=tm, BK=block_size,
-        BKP=pow2_at_least_16(block_size), ATOMIC=not deterministic, PRECISION=dot_precision(q.dtype),
+        BKP=bn, ATOMIC=not deterministic, PRECISION=dot_precision(q.dtype),
         num_warps=cfg["kv_bwd_warps"], num_stages=cfg["stages"],
     )
     return dk.sum(0)
@@ -600,14 +614,16 @@ def _kv_forward(q, k, lse, q_idx, k_idx, units, qk_rows, block_size, scale, isca
     stats = torch.zeros((4, hkv, t), dtype=torch.float32, device=dev)  # l, psum, plogp, pt
     if units.num_units:
         cfg = _cfg(dev)
-        common = dict(DI=di, DIP=pow2_at_least_16(di), TM=cfg["kv_tm"], BK=block_size,
-                      BKP=pow2_at_least_16(block_size), PRECISION=dot_precision(q.dtype),
-                      num_warps=cfg["kv_fwd_warps"], num_stages=cfg["stages"])
+        bn = _kv_key_tile(block_size, cfg)
+        grid = (units.num_units, triton.cdiv(block_size, bn))
+        common = dict(DI=di, DIP=pow2_at_least_16(di), TM=cfg["kv_tm"], BK=block_size, BKP=bn,
+                      PRECISION=dot_precision(q.dtype), num_warps=cfg["kv_fwd_warps"],
+                      num_stages=cfg["stages"])
         sched = (units.tokens, units.unit_group, units.unit_block_row, units.unit_begin, units.unit_end)
-        _kl_kv_student_max_kernel[(units.num_units,)](
+        _kl_kv_student_max_kernel[grid](
             q_idx, k_idx, qk_rows, *sched, mx, k.shape[0], iscale,
             q_idx.stride(0), q_idx.stride(1), k_idx.stride(0), mx.stride(0), **common)
-        _kl_kv_fwd_kernel[(units.num_units,)](
+        _kl_kv_fwd_kernel[grid](
             q, k, lse, q_idx, k_idx, qk_rows, *sched, mx, stats[0], stats[1], stats[2], stats[3],
             k.shape[0], scale, iscale, *_strides(q, k, lse, q_idx, k_idx), mx.stride(0),
             G=g, D=d, DP=pow2_at_least_16(d), **common)
@@ -624,12 +640,13 @@ def _kv_backward(q, k, lse, q_idx, k_idx, lses, psum, units, qk_rows, block_size
     dk = torch.zeros((k_idx.shape[0], di), dtype=torch.float32, device=q.device)
     if units.num_units:
         cfg = _cfg(q.device)
-        _kl_kv_bwd_kernel[(units.num_units,)](
+        bn = _kv_key_tile(block_size, cfg)
+        _kl_kv_bwd_kernel[(units.num_units, triton.cdiv(block_size, bn))](
             q, k, lse, q_idx, k_idx, lses, psum, qk_rows, units.tokens, units.unit_group,
             units.unit_block_row, units.unit_begin, units.unit_end, dq, dk, k.shape[0], scale, iscale,
             *_strides(q, k, lse, q_idx, k_idx), lses.stride(0), dq.stride(0), dq.stride(1), dk.stride(0),
             G=g, D=d, DP=pow2_at_least_16(d), DI=di, DIP=pow2_at_least_16(di), TM=cfg["kv_tm"],
-            BK=block_size, BKP=pow2_at_least_16(block_size), PRECISION=dot_precision(q.dtype),
+            BK=block_size, BKP=bn, PRECISION=dot_precision(q.dtype),
             num_warps=cfg["kv_bwd_warps"], num_stages=cfg["stages"])
     return dq, dk
 
