@@ -237,3 +237,25 @@ def test_bad_inputs_raise_clear_errors(megatron_1rank):
         build_transformer_config(model_cfg, attn_cfg, {"ep": 3})
     with pytest.raises(ValueError, match="params_dtype"):
         build_transformer_config(model_cfg, attn_cfg, {}, params_dtype="fp8")
+
+
+def test_kl_gradient_follows_loss_scale_and_coeff(megatron_1rank):
+    from msa_train.model import kl_loss_scale, set_kl_loss_scale
+
+    assert kl_loss_scale(4, cp_size=2) == 0.5
+    assert kl_loss_scale(4, cp_size=2, calculate_per_token_loss=True, grad_scale=8.0) == 8.0
+    with pytest.raises(ValueError, match="num_microbatches"):
+        kl_loss_scale(0)
+    core, cfg = make_core(mode="sparse")
+    core.train()
+    q, k, v, x = inputs(cfg, seed=6)
+    grads = []
+    for scale, coeff in ((1.0, 0.5), (3.0, 0.5), (1.0, 1.0)):
+        set_kl_loss_scale(scale)
+        cfg.msa_kl_coeff = coeff
+        core.zero_grad(set_to_none=True)
+        (run(core, q, k, v, x) * 0).sum().backward()
+        grads.append(core.indexer.weight_ki.grad.clone())
+    set_kl_loss_scale(1.0)
+    torch.testing.assert_close(grads[1], 3 * grads[0])
+    torch.testing.assert_close(grads[2], 2 * grads[0])
