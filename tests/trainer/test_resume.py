@@ -53,3 +53,32 @@ def test_stage_two_as_separate_job_equals_continuous(continuous, tmp_path):
     whole = load_checkpoint_tensors(_final(continuous), tmp_path)
     # Weights and the sparse stage's optimizer state: each stage starts a fresh optimizer.
     assert_same_tensors(whole, split)
+
+
+def test_walltime_stop_saves_requests_requeue_and_resumes_exactly(continuous, tmp_path):
+    from msa_train.lifecycle import REQUEUE_EXIT_CODE, read_requeue_request
+
+    save = f"checkpoint.save={tmp_path}/ckpt"
+    run_dir = str(tmp_path / "run")
+    # A wall time that is over after the first step: save, ask for a requeue, exit with its code.
+    stopped = run_train([*SMALL, save, "cluster.walltime_s=0.01", "cluster.exit_grace_s=0"],
+                        run_dir, expect_rc=REQUEUE_EXIT_CODE)
+    assert "asks the launcher to requeue" in stopped.stdout
+    assert read_requeue_request(str(tmp_path / "ckpt")) is not None
+    with open(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt") as fh:
+        assert int(fh.read()) == 1
+    run_train([*SMALL, save], run_dir)
+    assert losses_by_step(run_dir) == losses_by_step(str(continuous / "run"))
+
+
+def test_two_ranks_with_distributed_optimizer_resume_exactly(tmp_path):
+    runs = {}
+    for name, stops in (("continuous", [None]), ("resumed", [4, None])):
+        run_dir = str(tmp_path / name / "run")
+        for stop in stops:
+            extra = [] if stop is None else [f"train.max_steps_per_job={stop}"]
+            run_train([*SMALL, f"checkpoint.save={tmp_path}/{name}/ckpt", *extra], run_dir, nproc=2)
+        runs[name] = run_dir
+    assert losses_by_step(runs["resumed"]) == losses_by_step(runs["continuous"])
+    assert_same_tensors(load_checkpoint_tensors(_final(tmp_path / "continuous"), tmp_path),
+                        load_checkpoint_tensors(_final(tmp_path / "resumed"), tmp_path))
