@@ -156,7 +156,7 @@ def main() -> int:
         set_kl_loss_scale(kl_loss_scale(num_mb, cp))
         losses = fb(
             forward_step_func=forward_step, data_iterator=batches(), model=[model],
-            num_microbatches=num_mb, seq_length=args.seq // cp, micro_batch_size=args.micro_batch,
+            num_microbatches=num_mb, seq_length=args.seq, micro_batch_size=args.micro_batch,  # full length: Megatron divides by CP/TP
             forward_only=False,
         )
         loss = torch.zeros(1, dtype=torch.float64, device=device)
