@@ -137,36 +137,41 @@ class Trainer:
                     f"{self.plan.job_end_step} (checkpoint.save already holds the finished run)")
             return 0
 
-        objs: Optional[StageObjects] = None
+        prev_weights: Optional[List[Dict[str, torch.Tensor]]] = None
         for stage in self.plan.job_stages:
             if self.progress.iteration >= stage.end_step:
                 continue
-            objs = self._start_stage(stage, objs, resume_dir, init_dir)
+            objs = self._start_stage(stage, prev_weights, resume_dir, init_dir)
             resume_dir = init_dir = None
             code = self._train_stage(stage, objs)
             if code is not None:
                 return code
+            # Stage switch: keep only the weights (on the host) and free the model, grad buffers
+            # and optimizer state before the next stage builds its own.
+            prev_weights = [{k: (v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor)
+                                 else v)
+                             for k, v in checkpointing.unwrap(c).state_dict().items()}
+                            for c in objs.chunks]
+            del objs
+            if self.runtime.is_cuda:
+                torch.cuda.empty_cache()
         self._finish()
         return 0
 
-    def _start_stage(self, stage: StagePlan, prev: Optional[StageObjects], resume_dir: Optional[str],
-                     init_dir: Optional[str]) -> StageObjects:
+    def _start_stage(self, stage: StagePlan, prev_weights: Optional[List[Dict[str, torch.Tensor]]],
+                     resume_dir: Optional[str], init_dir: Optional[str]) -> StageObjects:
         rng.seed_everything(int(self.cfg.train.seed), stage.index)
         init_weights = None
-        if resume_dir is None and prev is not None:
-            prev_states = [checkpointing.unwrap(c).state_dict() for c in prev.chunks]
-
+        if resume_dir is None and prev_weights is not None:
             def init_weights(chunks: List[torch.nn.Module]) -> None:
                 with torch.no_grad():
-                    for chunk, state in zip(chunks, prev_states):
+                    for chunk, state in zip(chunks, prev_weights):
                         chunk.load_state_dict(state, strict=True)
         elif resume_dir is None and init_dir is not None:
             def init_weights(chunks: List[torch.nn.Module]) -> None:
                 report = load_weights(init_dir, chunks, index_param_predicate(chunks))
                 _print0(report.summary())
                 self.init_report = report.to_dict()
-        if prev is not None:
-            del prev  # free the previous stage's grad buffers and optimizer state first
         objs = build_stage(self.cfg, self.runtime, stage, self.vocab_size, init_weights)
         if resume_dir is not None:
             saved = layout.read_state_json(resume_dir) or {}
@@ -267,7 +272,6 @@ class Trainer:
         finally:
             self.wandb_run_ids[stage.mode] = logger.wandb_run_id or self.wandb_run_ids.get(stage.mode)
             logger.close()
-        self.last_objs = objs
         return None
 
     def _throughput_meter(self, stage: StagePlan):
