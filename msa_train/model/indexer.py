@@ -85,9 +85,21 @@ class MSAIndexer(MegatronModule):
         else:
             self.q_norm_weight = self.k_norm_weight = None
         self.eps = config.layernorm_epsilon
+        self._sync_replicated_params()
         rot = int(self.index_dim * config.gpt_rotary_percent) // 2 * 2
         self.rope_dim = rot if config.msa_index_rope else 0
         self.rope_base = float(config.gpt_rotary_base)
+
+    @torch.no_grad()
+    def _sync_replicated_params(self) -> None:
+        """Replicated weights must start equal on every TP rank; whether they do would otherwise
+        depend on every other module drawing the same number of default-RNG values per rank."""
+        if self.tp_size == 1 or self.weight_ki.device.type == "meta":
+            return
+        src = torch.distributed.get_process_group_ranks(self.tp_group)[0]
+        for p in (self.weight_ki, self.q_norm_weight, self.k_norm_weight):
+            if p is not None:
+                torch.distributed.broadcast(p.data, src=src, group=self.tp_group)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """x [s(/TP under SP), b, h] (layer input after the input norm) ->
