@@ -7,6 +7,9 @@ block 64, top-4, seq 512, fp32), forcing MSA_KERNELS_BACKEND=triton, and compare
 every gradient and the parameters after one Adam step. Needs >= 2 GPUs and megatron-core.
 
   python scripts/gpu_check_parallel.py --out-dir $OUT     # summary: $OUT/gpu_parity.json
+A second phase (``--smoke``, on by default) trains the one-GPU ``small`` config (bf16, seq 4096)
+for a few steps in dense and sparse mode and reports step time and indexer KL: the full model with
+the Triton kernels, not only the tiny parity model.
 Results are recorded in tests/model/GPU_RESULTS.md.
 """
 
@@ -38,14 +41,74 @@ def run(name, cmd, env, out_dir: Path, timeout: int):
     return {"rc": proc.returncode, "seconds": round(time.time() - t0, 1), "result": result}
 
 
+def smoke(out_dir: Path, seq: int, steps: int) -> dict:
+    """In-process (one GPU): the small config, bf16, forward+backward+Adam per mode."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from msa_train.compat import destroy_parallel, init_parallel
+    from msa_train.model import (
+        AttentionConfig, ModelConfig, build_model, build_transformer_config, kl_loss_scale,
+        kl_tracker, set_kl_loss_scale, set_msa_mode,
+    )
+
+    def load(group, name, schema):
+        raw = OmegaConf.load(REPO / "configs" / group / f"{name}.yaml")
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), raw))
+
+    init_parallel({})
+    model_cfg, attn_cfg = load("model", "small", ModelConfig), load("attention", "paper", AttentionConfig)
+    config = build_transformer_config(model_cfg, attn_cfg, {}, torch.bfloat16,
+                                      use_cpu_initialization=False)
+    model = build_model(config, max_seq_len=seq).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    set_kl_loss_scale(kl_loss_scale(1))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    result = {"model": "small", "seq": seq, "params": sum(p.numel() for p in model.parameters())}
+    for mode in ("dense", "sparse"):
+        set_msa_mode(model, mode)
+        times, losses = [], []
+        for step in range(steps + 2):
+            tokens = torch.randint(0, model_cfg.vocab_size, (1, seq), device="cuda", generator=gen)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = model(tokens, None, None, labels=tokens).float().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if step >= 2:  # the first steps compile the Triton kernels
+                times.append(time.perf_counter() - t0)
+            losses.append(float(loss))
+        kl = kl_tracker.get_kl_metrics(reset=True)
+        result[mode] = {
+            "ms_per_step": round(1000 * sum(times) / len(times), 1),
+            "tokens_per_s": round(seq * len(times) / sum(times)),
+            "losses": [round(x, 4) for x in losses],
+            "indexer_kl_mean": round(sum(kl.values()) / len(kl), 5) if kl else None,
+            "finite": all(x == x for x in losses),
+        }
+        print(f"[smoke] {mode}: {json.dumps(result[mode])}", flush=True)
+    result["max_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    destroy_parallel()
+    (out_dir / "gpu_smoke.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out-dir", default="gpu_parity_out")
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--timeout", type=int, default=240)
+    p.add_argument("--no-smoke", dest="smoke", action="store_false")
+    p.add_argument("--smoke-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--smoke-seq", type=int, default=4096)
+    p.add_argument("--smoke-steps", type=int, default=3)
     args = p.parse_args()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.smoke_only:
+        return 0 if smoke(out_dir, args.smoke_seq, args.smoke_steps) else 1
 
     import torch
 
@@ -64,8 +127,20 @@ def main() -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                str(SCRIPT), "--ref", str(ref), *common, *flags]
         summary[name] = run(name, cmd, env, out_dir, args.timeout)
+    if args.smoke:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--smoke-only", "--out-dir", str(out_dir),
+               "--smoke-seq", str(args.smoke_seq), "--smoke-steps", str(args.smoke_steps)]
+        summary["smoke"] = run("smoke_small", cmd, dict(env, CUDA_VISIBLE_DEVICES="0"), out_dir,
+                               args.timeout)
+        smoke_file = out_dir / "gpu_smoke.json"
+        summary["smoke"]["result"] = json.loads(smoke_file.read_text()) if smoke_file.exists() else None
     ok = all(summary[k]["rc"] == 0 and summary[k]["result"] and summary[k]["result"].get("ok", True)
              for k in ("reference", "tp2_sp", "cp2"))
+    if args.smoke:
+        smoke_res = summary["smoke"]["result"] or {}
+        summary["smoke_ok"] = summary["smoke"]["rc"] == 0 and all(
+            smoke_res.get(m, {}).get("finite") for m in ("dense", "sparse"))
+        ok = ok and summary["smoke_ok"]
     summary["ok"] = ok
     (out_dir / "gpu_parity.json").write_text(json.dumps(summary, indent=1))
     print("GPU_PARITY " + json.dumps(summary), flush=True)
