@@ -490,7 +490,7 @@ def _interpreting(device) -> bool:
 
 # Tile choices on Hopper (measurements in kernels/BENCHMARKS_index.md); scripts/gpu_check_index.py
 # sweeps alternatives by editing this dict. The interpreter config keeps CPU tests small and fast.
-CONFIG = dict(kv_tm=64, kv_bn=64, kv_chunk=256, kv_fwd_warps=4, kv_bwd_warps=8, stages=2,
+CONFIG = dict(kv_tm=64, kv_bn=128, kv_chunk=256, kv_fwd_warps=4, kv_bwd_warps=8, stages=2,
               qtile_tm=16, qtile_warps=4, dense_bm=64, dense_bn=64, dense_warps=4)
 INTERPRET_CONFIG = dict(kv_tm=16, kv_bn=16, kv_chunk=8, kv_fwd_warps=4, kv_bwd_warps=4, stages=1,
                         qtile_tm=16, qtile_warps=4, dense_bm=16, dense_bn=16, dense_warps=4)
