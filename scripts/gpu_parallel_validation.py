@@ -1,0 +1,997 @@
+#!/usr/bin/env python
+"""Parallel-layout validation: the same MSA-MoE training run at several TP/CP/EP/PP layouts vs one GPU.
+
+Every run starts from ONE initial checkpoint and reads the same global batches, so a correct layout
+reproduces the one-GPU loss curve up to bf16 rounding noise. The script
+  1. writes the initial checkpoint (1 process, 1 step at lr=0: Adam's update is lr-scaled, so the
+     saved weights are exactly the random init);
+  2. trains two one-GPU references from it, identical except attention.deterministic (atomics vs a
+     fixed reduction order): their gap is the noise floor that derives the tolerance;
+  3. trains each layout that fits the GPU count (2 GPUs: TP2, CP2, EP2, PP2; 4 GPUs: TP2xCP2,
+     PP2xEP2; 8+: those two with data parallelism), each under a timeout (a hang fails the run);
+  4. resumes full state (model, optimizer, scheduler, data position) saved mid-run at one layout at
+     another layout and checks that the curve continues;
+  5. writes report.json / report.md (per-layout pass/fail, deviations, tokens/s per GPU),
+     loss_curves.png and metrics.tar.gz (every run's metrics.jsonl and log tail) to --out.
+
+    # GPU (2 GPUs, the small model, 50 bf16 steps, seq 8192: 10 indexer-warmup + 40 sparse steps)
+    PYTHONUNBUFFERED=1 python scripts/gpu_parallel_validation.py run --gpus 2 --out $OUT
+    # CPU / gloo smoke of the same pipeline (tiny model, fp32, a few steps)
+    OMP_NUM_THREADS=1 python scripts/gpu_parallel_validation.py run --preset tiny --device cpu \
+        --gpus 2 --out /tmp/pv
+    python scripts/gpu_parallel_validation.py plan --gpus 4       # print layouts and commands only
+    python scripts/gpu_parallel_validation.py compare --work /tmp/pv_work --out /tmp/pv  # re-report
+
+Each run is `torchrun --standalone --nproc-per-node N <this file> worker -- <Hydra overrides>`; the
+worker makes `import msa_kernels` work without an editable install (the GPU box runs the repo from
+PYTHONPATH) and then calls msa-train's own entry point. See docs/PARALLEL_VALIDATION.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ------------------------------------------------------------------------------------------------
+# Presets: model size, sequence and schedule of the validation run
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: str  # configs/model/<model>.yaml
+    attention: str  # configs/attention/<attention>.yaml
+    seq_length: int
+    global_batch_size: int
+    micro_batch_size: int
+    steps: int  # optimizer steps of the whole run (indexer warmup + sparse)
+    warmup_steps: int  # steps of the dense indexer-warmup stage
+    resume_step: int  # the resume source saves here; the resumed run continues from it
+    lr: float
+    min_lr: float
+    lr_warmup_steps: int
+    precision: str  # bf16 on GPU; fp32 on CPU (bf16 is GPU-only in the trainer)
+
+
+PRESETS: Dict[str, Preset] = {
+    # 8192 tokens with 128-token blocks and top-16: each query reads at most 2048 of up to 8192 keys.
+    "small": Preset(model="small", attention="paper", seq_length=8192, global_batch_size=4,
+                    micro_batch_size=1, steps=50, warmup_steps=10, resume_step=30, lr=3.0e-4,
+                    min_lr=3.0e-5, lr_warmup_steps=5, precision="bf16"),
+    # CPU smoke: 512 tokens, 16-token blocks, top-4 (64 of up to 512 keys); seconds per step.
+    "tiny": Preset(model="tiny", attention="tiny", seq_length=512, global_batch_size=4,
+                   micro_batch_size=1, steps=6, warmup_steps=2, resume_step=4, lr=3.0e-3,
+                   min_lr=3.0e-4, lr_warmup_steps=2, precision="fp32"),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The config fields that decide which layouts a model admits."""
+
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    num_moe_experts: Optional[int]
+    block_size: int
+    topk: int
+
+    @classmethod
+    def from_configs(cls, model: str, attention: str, config_dir: Path = REPO / "configs") -> "ModelShape":
+        from omegaconf import OmegaConf
+
+        paths = {"model": config_dir / "model" / f"{model}.yaml",
+                 "attention": config_dir / "attention" / f"{attention}.yaml"}
+        for group, path in paths.items():
+            if not path.is_file():
+                raise ValueError(f"--{group} {path.stem}: {path} does not exist")
+        m = OmegaConf.load(paths["model"])
+        a = OmegaConf.load(paths["attention"])
+        return cls(num_layers=int(m.num_layers), num_attention_heads=int(m.num_attention_heads),
+                   num_query_groups=int(m.num_query_groups),
+                   num_moe_experts=None if m.get("num_moe_experts") is None else int(m.num_moe_experts),
+                   block_size=int(a.block_size), topk=int(a.topk))
+
+
+# ------------------------------------------------------------------------------------------------
+# Layouts
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tp * self.pp * self.cp
+
+    @property
+    def name(self) -> str:
+        parts = [f"{k}{v}" for k, v in (("tp", self.tp), ("pp", self.pp), ("cp", self.cp), ("ep", self.ep))
+                 if v > 1]
+        return "".join(parts) or "single"
+
+    @property
+    def label(self) -> str:
+        parts = [f"{k.upper()}{v}" for k, v in (("tp", self.tp), ("pp", self.pp), ("cp", self.cp),
+                                                ("ep", self.ep)) if v > 1]
+        return " x ".join(parts) or "single"
+
+    def dp(self, world: int) -> int:
+        return world // self.model_parallel
+
+
+def parse_layout(text: str) -> Layout:
+    """'tp2', 'tp2xcp2', 'pp2+ep2' (factors joined by x or +) -> Layout."""
+    fields: Dict[str, int] = {}
+    for token in text.lower().replace("+", "x").split("x"):
+        token = token.strip()
+        if not token:
+            continue
+        key, digits = token[:2], token[2:]
+        if key not in ("tp", "pp", "cp", "ep") or not digits.isdigit() or int(digits) < 1:
+            raise ValueError(f"--layouts: cannot parse {text!r} (use e.g. tp2, cp2, tp2xcp2, pp2xep2)")
+        if key in fields:
+            raise ValueError(f"--layouts: {key} given twice in {text!r}")
+        fields[key] = int(digits)
+    if not fields:
+        raise ValueError(f"--layouts: empty layout {text!r}")
+    return Layout(**fields)
+
+
+def parse_layout_list(text: str) -> List[Layout]:
+    """'tp2,cp2 ep2' (comma or space separated) -> layouts."""
+    return [parse_layout(item) for item in text.replace(",", " ").split()]
+
+
+def default_layouts(num_gpus: int) -> List[Layout]:
+    """The layouts the validation runs at this GPU count (the rest of the GPUs is data parallel)."""
+    if num_gpus < 1 or num_gpus & (num_gpus - 1):
+        raise ValueError(f"--gpus={num_gpus}: use a power of two (1, 2, 4, 8, ...)")
+    if num_gpus == 1:
+        return []
+    if num_gpus == 2:
+        return [Layout(tp=2), Layout(cp=2), Layout(ep=2), Layout(pp=2)]
+    return [Layout(tp=2, cp=2), Layout(pp=2, ep=2)]
+
+
+def layout_problems(layout: Layout, world: int, shape: ModelShape, seq_length: int,
+                    global_batch_size: int, micro_batch_size: int) -> List[str]:
+    """Why `layout` cannot run this model on `world` ranks (empty: it can). Mirrors the trainer's
+    msa_train.config.validate rules so the plan drops what the trainer would refuse."""
+    out: List[str] = []
+    if world % layout.model_parallel:
+        return [f"tp x pp x cp = {layout.model_parallel} does not divide {world} GPUs"]
+    dp = layout.dp(world)
+    if shape.num_attention_heads % layout.tp or shape.num_query_groups % layout.tp:
+        out.append(f"tp={layout.tp} must divide {shape.num_attention_heads} heads and "
+                   f"{shape.num_query_groups} query groups")
+    if shape.num_layers % layout.pp:
+        out.append(f"pp={layout.pp} must divide {shape.num_layers} layers")
+    if layout.ep > 1:
+        if shape.num_moe_experts is None:
+            out.append(f"ep={layout.ep} needs an MoE model")
+        elif shape.num_moe_experts % layout.ep:
+            out.append(f"ep={layout.ep} must divide {shape.num_moe_experts} experts")
+        if (dp * layout.cp) % layout.ep:
+            out.append(f"ep={layout.ep} must divide data x context parallel = {dp * layout.cp}")
+    if layout.cp > 1 and seq_length % (2 * layout.cp * shape.block_size):
+        out.append(f"seq_length={seq_length} must be a multiple of 2 x cp x block = "
+                   f"{2 * layout.cp * shape.block_size}")
+    if layout.tp > 1 and seq_length % layout.tp:
+        out.append(f"seq_length={seq_length} must be divisible by tp={layout.tp} (sequence parallel)")
+    if global_batch_size % (micro_batch_size * dp):
+        out.append(f"global_batch_size={global_batch_size} must be a multiple of micro_batch_size x "
+                   f"dp = {micro_batch_size} x {dp}")
+    return out
+
+
+def default_resume_pairs(layouts: Sequence[Layout]) -> List[Tuple[Layout, Layout]]:
+    """Save at one layout, resume at another: TP2 -> CP2 on 2 GPUs, TP2xCP2 -> PP2xEP2 on 4+."""
+    names = {layout.name: layout for layout in layouts}
+    if "tp2" in names and "cp2" in names:
+        return [(names["tp2"], names["cp2"])]
+    if len(layouts) >= 2:
+        return [(layouts[0], layouts[1])]
+    return []
+
+
+def parse_resume(text: str, layouts: Sequence[Layout]) -> List[Tuple[Layout, Layout]]:
+    """'tp2:cp2,ep2:tp2' -> pairs; both ends must be layouts of this plan."""
+    known = {layout.name: layout for layout in layouts}
+    pairs = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if ":" not in item:
+            raise ValueError(f"--resume: {item!r} is not SOURCE:TARGET (e.g. tp2:cp2)")
+        src, dst = (parse_layout(s) for s in item.split(":", 1))
+        for end in (src, dst):
+            if end.name not in known:
+                raise ValueError(f"--resume: {end.name} is not one of the planned layouts "
+                                 f"{sorted(known)} (add it to --layouts)")
+        if src == dst:
+            raise ValueError(f"--resume: {item!r} saves and resumes at the same layout")
+        pairs.append((known[src.name], known[dst.name]))
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs and their commands
+# ------------------------------------------------------------------------------------------------
+
+INIT, REF, REF_ALT = "init", "ref", "ref_det"
+
+
+@dataclass
+class RunSpec:
+    name: str
+    role: str  # init | reference | layout | resume
+    layout: Layout
+    nproc: int
+    overrides: List[str]
+    source: Optional[str] = None  # resume: the run whose checkpoint it loads
+    patch_optimizer: bool = False  # worker applies the cross-layout optimizer-state workaround
+
+
+@dataclass
+class Plan:
+    preset: Preset
+    device: str  # cuda | cpu
+    num_gpus: int
+    work: Path
+    layouts: List[Layout]
+    skipped: Dict[str, List[str]]
+    resume_pairs: List[Tuple[Layout, Layout]]
+    runs: List[RunSpec] = field(default_factory=list)
+
+    def run(self, name: str) -> RunSpec:
+        for spec in self.runs:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+
+def resume_name(src: Layout, dst: Layout) -> str:
+    return f"{src.name}_to_{dst.name}"
+
+
+def stage_tokens(preset: Preset) -> Tuple[int, int]:
+    per_step = preset.global_batch_size * preset.seq_length
+    return preset.warmup_steps * per_step, (preset.steps - preset.warmup_steps) * per_step
+
+
+def vocab_divisor(layout_tp: int, max_tp: int) -> int:
+    """Megatron pads the vocabulary to a multiple of divisor x TP; a fixed divisor x TP product
+    keeps the embedding shape (and so the initial checkpoint) identical at every TP size."""
+    return 128 * max_tp // layout_tp
+
+
+def base_overrides(plan: Plan, name: str, layout: Layout, max_tp: int) -> List[str]:
+    p = plan.preset
+    warmup_tokens, sparse_tokens = stage_tokens(p)
+    return [
+        f"name=pv_{name}", f"run_dir={plan.work / 'runs' / name}",
+        f"model={p.model}", f"attention={p.attention}", "data=stdlib", "logging=debug",
+        "logging.log_interval=1", "logging.recall_interval=0", "logging.plot_at_end=false",
+        "logging.wandb=false", "stage.run=both",
+        f"stage.warmup.tokens={warmup_tokens}", f"stage.sparse.tokens={sparse_tokens}",
+        f"train.seq_length={p.seq_length}", f"train.global_batch_size={p.global_batch_size}",
+        f"train.micro_batch_size={p.micro_batch_size}", f"train.lr={p.lr}", f"train.min_lr={p.min_lr}",
+        f"train.lr_warmup_steps={p.lr_warmup_steps}", f"train.device={plan.device}",
+        f"train.precision={p.precision}", "train.eval_interval=null",
+        f"data.tokenizer.make_vocab_size_divisible_by={vocab_divisor(layout.tp, max_tp)}",
+        f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}", f"parallel.cp={layout.cp}",
+        f"parallel.ep={layout.ep}", f"parallel.sequence_parallel={str(layout.tp > 1).lower()}",
+        "parallel.world_size=null",
+        "checkpoint=none",
+    ]
+
+
+def build_plan(preset: Preset, device: str, num_gpus: int, work: Path, shape: ModelShape,
+               layouts: Optional[Sequence[Layout]] = None, resume: Optional[str] = None,
+               patch_optimizer: bool = True) -> Plan:
+    if preset.resume_step <= preset.warmup_steps or preset.resume_step >= preset.steps:
+        raise ValueError(f"--resume-step={preset.resume_step} must lie inside the sparse stage "
+                         f"({preset.warmup_steps} < step < {preset.steps})")
+    if not 0 < preset.warmup_steps < preset.steps:
+        raise ValueError(f"--warmup-steps={preset.warmup_steps} must be in 1..--steps-1={preset.steps - 1}")
+    candidates = list(layouts) if layouts is not None else default_layouts(num_gpus)
+    good, skipped = [], {}
+    for layout in candidates:
+        problems = layout_problems(layout, num_gpus, shape, preset.seq_length,
+                                   preset.global_batch_size, preset.micro_batch_size)
+        if layout.model_parallel == 1 and layout.ep == 1:
+            problems.append("a pure data-parallel layout is not what this validates")
+        if problems:
+            skipped[layout.label] = problems
+        else:
+            good.append(layout)
+    pairs = parse_resume(resume, good) if resume is not None else default_resume_pairs(good)
+    plan = Plan(preset=preset, device=device, num_gpus=num_gpus, work=work, layouts=good,
+                skipped=skipped, resume_pairs=pairs)
+    max_tp = max([layout.tp for layout in good] + [1])
+    single = Layout()
+    init_dir = work / "init_ckpt"
+    # 1 step at lr=0 and no LR warmup: the checkpoint holds the untouched initial weights.
+    init = base_overrides(plan, INIT, single, max_tp)
+    init = [o for o in init if not o.startswith(("stage.", "train.lr", "train.min_lr"))]
+    init += ["stage.run=warmup", f"stage.warmup.tokens={preset.global_batch_size * preset.seq_length}",
+             "stage.sparse.tokens=0", "train.lr=0.0", "train.min_lr=0.0", "train.lr_warmup_steps=0",
+             f"checkpoint.save={init_dir}", "checkpoint.save_at_stage_end=true"]
+    plan.runs.append(RunSpec(INIT, "init", single, 1, init))
+    from_init = [f"checkpoint.init_from={init_dir}"]
+    plan.runs.append(RunSpec(REF, "reference", single, 1,
+                             base_overrides(plan, REF, single, max_tp) + from_init
+                             + ["attention.deterministic=false"]))
+    plan.runs.append(RunSpec(REF_ALT, "reference", single, 1,
+                             base_overrides(plan, REF_ALT, single, max_tp) + from_init
+                             + ["attention.deterministic=true"]))
+    sources = {src.name for src, _ in pairs}
+    for layout in good:
+        overrides = base_overrides(plan, layout.name, layout, max_tp) + from_init
+        if layout.name in sources:
+            # Full state at resume_step only (no stage-end saves: they cost time, nobody reads them).
+            overrides += [f"checkpoint.save={work / 'runs' / layout.name / 'ckpt'}",
+                          f"checkpoint.save_interval={preset.resume_step}",
+                          "checkpoint.save_at_stage_end=false", "checkpoint.keep_last_k=null"]
+        plan.runs.append(RunSpec(layout.name, "layout", layout, num_gpus, overrides,
+                                 patch_optimizer=patch_optimizer and layout.name in sources))
+    for src, dst in pairs:
+        name = resume_name(src, dst)
+        ckpt = work / "runs" / src.name / "ckpt" / f"iter_{preset.resume_step:07d}"
+        overrides = base_overrides(plan, name, dst, max_tp) + [f"checkpoint.load={ckpt}"]
+        plan.runs.append(RunSpec(name, "resume", dst, num_gpus, overrides, source=src.name,
+                                 patch_optimizer=patch_optimizer))
+    return plan
+
+
+def worker_command(spec: RunSpec, python: str = sys.executable, script: Path = Path(__file__)) -> List[str]:
+    cmd = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec.nproc}",
+           "--max-restarts=0", str(script), "worker"]
+    if spec.patch_optimizer:
+        cmd.append("--reshardable-optimizer")
+    return cmd + ["--"] + list(spec.overrides)
+
+
+def run_env(plan: Plan, gpu_ids: Optional[Sequence[int]] = None) -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    env.update(PYTHONUNBUFFERED="1", WANDB_MODE="disabled", PYTHONWARNINGS="ignore",
+               TRITON_CACHE_DIR=str(plan.work / "triton_cache"),  # compile once for all runs
+               # NVLink multicast stays off on shared hosts (it can take the GPUs out of service).
+               NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    env.setdefault("OMP_NUM_THREADS", "1" if plan.device == "cpu" else "4")
+    if plan.device == "cuda":
+        env["MSA_KERNELS_BACKEND"] = "triton"  # never a silent fallback to the PyTorch reference
+        if gpu_ids is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_ids)
+    return env
+
+
+# ------------------------------------------------------------------------------------------------
+# Execution
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    name: str
+    rc: Optional[int]
+    seconds: float
+    timed_out: bool
+    log: str
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0 and not self.timed_out
+
+
+class Launched:
+    """One run in flight: its own process group, so a hang is killed with all its ranks."""
+
+    def __init__(self, spec: RunSpec, plan: Plan, gpu_ids: Optional[Sequence[int]], timeout: float):
+        self.spec, self.timeout = spec, timeout
+        self.log_path = plan.work / "logs" / f"{spec.name}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")
+        self._log.write("$ " + " ".join(worker_command(spec)) + "\n")
+        self._log.flush()
+        self.t0 = time.time()
+        self.proc = subprocess.Popen(worker_command(spec), cwd=REPO, env=run_env(plan, gpu_ids),
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self) -> RunResult:
+        timed_out = False
+        try:
+            rc = self.proc.wait(timeout=max(1.0, self.timeout - (time.time() - self.t0)))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(self.proc)
+            rc = self.proc.returncode
+        self._log.close()
+        result = RunResult(self.spec.name, rc, round(time.time() - self.t0, 1), timed_out,
+                           str(self.log_path))
+        status = "TIMEOUT (hang?)" if timed_out else f"rc={rc}"
+        print(f"[{self.spec.name}] {status} in {result.seconds:.0f} s  ({self.log_path})", flush=True)
+        if not result.ok:
+            print(_tail(self.log_path, 40), flush=True)
+        return result
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        text = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+def execute(plan: Plan, timeout: float) -> Dict[str, RunResult]:
+    """Init, then the two references (side by side when there are 2+ GPUs), then each layout, then
+    each resume. A failed prerequisite marks its dependents as not run instead of running them."""
+    results: Dict[str, RunResult] = {}
+
+    def skip(spec: RunSpec, why: str) -> None:
+        print(f"[{spec.name}] not run: {why}", flush=True)
+        results[spec.name] = RunResult(spec.name, None, 0.0, False, why)
+
+    def one(spec: RunSpec, gpu_ids=None) -> None:
+        results[spec.name] = Launched(spec, plan, gpu_ids, timeout).wait()
+
+    init = plan.run(INIT)
+    one(init, [0] if plan.device == "cuda" else None)
+    refs = [s for s in plan.runs if s.role == "reference"]
+    layouts = [s for s in plan.runs if s.role == "layout"]
+    resumes = [s for s in plan.runs if s.role == "resume"]
+    if not results[INIT].ok:
+        for spec in refs + layouts + resumes:
+            skip(spec, "the initial checkpoint run failed")
+        return results
+    if plan.device == "cuda" and plan.num_gpus >= 2:
+        launched = [Launched(spec, plan, [i], timeout) for i, spec in enumerate(refs)]
+        for item in launched:
+            results[item.spec.name] = item.wait()
+    else:
+        for spec in refs:
+            one(spec)
+    for spec in layouts:
+        one(spec)
+    for spec in resumes:
+        if results.get(spec.source) is None or not results[spec.source].ok:
+            skip(spec, f"its source run {spec.source} failed")
+        else:
+            one(spec)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Comparison (pure functions on {step: value} curves)
+# ------------------------------------------------------------------------------------------------
+
+LM_LOSS = "train/lm_loss"
+TOKENS_PER_GPU = "perf/tokens_per_sec_per_gpu"
+TFLOPS_PER_GPU = "perf/tflops_per_gpu"
+MAX_MEM = "mem/max_allocated_gib"
+
+# bf16 keeps 8 significant bits: unit roundoff 2^-8 = 0.39 %. No correct layout needs more than
+# this relative slack at any step, noise envelope or not (it also covers steps where the two
+# references happen to agree exactly, e.g. a warmup stage without atomics).
+BF16_REL_FLOOR = 2.0 ** -8
+FP32_REL_FLOOR = 1.0e-5
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    factor: float  # x the references' noise envelope
+    rel_floor: float  # x |reference loss|
+    within_fraction: float  # share of steps that must lie inside the band
+    final_window: int  # steps whose mean deviation must lie inside the band (no drift)
+
+
+def noise_envelope(a: Dict[int, float], b: Dict[int, float]) -> Dict[int, float]:
+    """Running max over steps of |a - b|: bf16 differences only grow along a training run, so the
+    gap two equivalent runs reached by step s bounds what an equivalent layout may show there."""
+    env, worst = {}, 0.0
+    for step in sorted(set(a) & set(b)):
+        worst = max(worst, abs(a[step] - b[step]))
+        env[step] = worst
+    return env
+
+
+def tolerance_band(ref: Dict[int, float], envelope: Dict[int, float], tol: Tolerance) -> Dict[int, float]:
+    return {s: max(tol.factor * envelope.get(s, 0.0), tol.rel_floor * abs(v)) for s, v in ref.items()}
+
+
+@dataclass
+class CurveCheck:
+    against: str
+    steps: int
+    missing: List[int]
+    non_finite: List[int]
+    max_abs_diff: Optional[float]
+    max_diff_over_tol: Optional[float]
+    within_fraction: Optional[float]
+    first_step_diff: Optional[float]
+    final_mean_diff: Optional[float]
+    final_mean_tol: Optional[float]
+    passed: bool
+    reasons: List[str]
+
+
+def compare_curves(candidate: Dict[int, float], ref: Dict[int, float], band: Dict[int, float],
+                   tol: Tolerance, against: str, steps: Optional[Sequence[int]] = None) -> CurveCheck:
+    """candidate vs ref at `steps` (default: every ref step). Passes when every step is present and
+    finite, at least tol.within_fraction of steps lie inside the band, and the mean signed deviation
+    over the last tol.final_window steps lies inside the mean band there (no systematic drift)."""
+    steps = sorted(ref) if steps is None else sorted(steps)
+    missing = [s for s in steps if s not in candidate or s not in ref]
+    present = [s for s in steps if s in candidate and s in ref]
+    non_finite = [s for s in present if not math.isfinite(candidate[s])]
+    good = [s for s in present if math.isfinite(candidate[s])]
+    reasons = []
+    if missing:
+        reasons.append(f"{len(missing)} steps missing (first {missing[:5]})")
+    if non_finite:
+        reasons.append(f"non-finite loss at steps {non_finite[:5]}")
+    if not good:
+        return CurveCheck(against, len(steps), missing, non_finite, None, None, None, None, None, None,
+                          False, reasons or ["no steps to compare"])
+    diffs = {s: candidate[s] - ref[s] for s in good}
+    ratios = {s: abs(d) / band[s] if band[s] > 0 else (0.0 if d == 0 else math.inf)
+              for s, d in diffs.items()}
+    within = sum(r <= 1.0 for r in ratios.values()) / len(ratios)
+    if within < tol.within_fraction:
+        worst = max(ratios, key=ratios.get)
+        reasons.append(f"only {within:.0%} of steps inside the band (need {tol.within_fraction:.0%}); "
+                       f"worst step {worst}: |diff| {abs(diffs[worst]):.4g} vs band {band[worst]:.4g}")
+    tail = good[-tol.final_window:]
+    final_diff = statistics.fmean(diffs[s] for s in tail)
+    final_tol = statistics.fmean(band[s] for s in tail)
+    if abs(final_diff) > final_tol:
+        reasons.append(f"mean deviation over the last {len(tail)} steps {final_diff:+.4g} exceeds the "
+                       f"mean band {final_tol:.4g} (systematic drift)")
+    return CurveCheck(against=against, steps=len(steps), missing=missing, non_finite=non_finite,
+                      max_abs_diff=max(abs(d) for d in diffs.values()),
+                      max_diff_over_tol=max(ratios.values()), within_fraction=within,
+                      first_step_diff=diffs[good[0]], final_mean_diff=final_diff,
+                      final_mean_tol=final_tol, passed=not reasons, reasons=reasons)
+
+
+def throughput(records: List[dict], skip_after_stage_start: int = 2) -> Dict[str, Optional[float]]:
+    """Median tokens/s and TFLOP/s per GPU per stage, leaving out each stage's first steps (Triton
+    compilation, allocator warmup) and any step that logged no rate."""
+    out: Dict[str, Optional[float]] = {}
+    by_stage: Dict[str, List[dict]] = {}
+    for rec in sorted(records, key=lambda r: r["step"]):
+        by_stage.setdefault(str(rec.get("stage")), []).append(rec)
+    for stage, recs in by_stage.items():
+        steady = recs[skip_after_stage_start:] or recs[-1:]
+        for key, short in ((TOKENS_PER_GPU, "tokens_per_sec_per_gpu"), (TFLOPS_PER_GPU, "tflops_per_gpu")):
+            values = [float(r[key]) for r in steady if isinstance(r.get(key), (int, float))]
+            out[f"{stage}/{short}"] = statistics.median(values) if values else None
+        mem = [float(r[MAX_MEM]) for r in recs if isinstance(r.get(MAX_MEM), (int, float))]
+        out[f"{stage}/max_allocated_gib"] = max(mem) if mem else None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+
+def read_run_metrics(run_dir: Path) -> List[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a killed run's partial last line
+            if isinstance(rec, dict) and "step" in rec:
+                records[int(rec["step"])] = rec  # a resumed run's later record of a step wins
+    return [records[s] for s in sorted(records)]
+
+
+def loss_curve(records: List[dict]) -> Dict[int, float]:
+    return {int(r["step"]): float(r[LM_LOSS]) for r in records if r.get(LM_LOSS) is not None}
+
+
+def _log_says_resumed(log_path: str, step: int) -> bool:
+    text = Path(log_path).read_text(errors="replace") if Path(log_path).is_file() else ""
+    return f"resume: " in text and f"(step {step}," in text
+
+
+def build_report(plan: Plan, results: Dict[str, RunResult], tol: Tolerance,
+                 device_name: str) -> dict:
+    curves = {spec.name: loss_curve(read_run_metrics(plan.work / "runs" / spec.name)) for spec in plan.runs}
+    records = {spec.name: read_run_metrics(plan.work / "runs" / spec.name) for spec in plan.runs}
+    p = plan.preset
+    all_steps = list(range(1, p.steps + 1))
+    ref, alt = curves.get(REF, {}), curves.get(REF_ALT, {})
+    envelope = noise_envelope(ref, alt)
+    band = tolerance_band(ref, envelope, tol)
+    report = {
+        "device": device_name, "num_gpus": plan.num_gpus, "preset": dataclasses.asdict(p),
+        "tolerance": dataclasses.asdict(tol),
+        "skipped_layouts": plan.skipped,
+        "noise": {"max_abs_ref_gap": max(envelope.values()) if envelope else None,
+                  "first_step_ref_gap": envelope.get(1)},
+        "runs": {}, "passed": True, "problems": [],
+    }
+    if len(ref) < p.steps or len(alt) < p.steps:
+        report["problems"].append("a reference run did not log every step: no tolerance")
+    for spec in plan.runs:
+        res = results.get(spec.name)
+        entry = {"role": spec.role, "layout": spec.layout.label, "nproc": spec.nproc,
+                 "dp": spec.layout.dp(spec.nproc),
+                 "rc": None if res is None else res.rc, "seconds": None if res is None else res.seconds,
+                 "timed_out": bool(res and res.timed_out), "steps_logged": len(curves[spec.name]),
+                 "throughput": throughput(records[spec.name]),
+                 "optimizer_workaround": spec.patch_optimizer}
+        ok = res is not None and res.ok
+        if spec.role in ("layout", "resume", "reference") and spec.name != REF:
+            if spec.role == "resume":
+                src = curves.get(spec.source, {})
+                steps = list(range(p.resume_step + 1, p.steps + 1))
+                entry["vs_source"] = dataclasses.asdict(
+                    compare_curves(curves[spec.name], src, band, tol, spec.source, steps))
+                entry["vs_reference"] = dataclasses.asdict(
+                    compare_curves(curves[spec.name], ref, band, tol, REF, steps))
+                resumed = ok and _log_says_resumed(res.log, p.resume_step)
+                early = [s for s in curves[spec.name] if s <= p.resume_step]
+                entry["resumed_from_step"] = p.resume_step if resumed else None
+                if not resumed:
+                    entry.setdefault("problems", []).append(
+                        f"the log does not show a resume from step {p.resume_step}")
+                if early:
+                    entry.setdefault("problems", []).append(
+                        f"logged steps {early[:3]}... at or before the resume step")
+                checks = [entry["vs_source"], entry["vs_reference"]]
+            else:
+                entry["vs_reference"] = dataclasses.asdict(
+                    compare_curves(curves[spec.name], ref, band, tol, REF, all_steps))
+                checks = [entry["vs_reference"]]
+            entry["passed"] = ok and not entry.get("problems") and all(c["passed"] for c in checks)
+        else:
+            entry["passed"] = ok
+        if not ok:
+            entry.setdefault("problems", []).append(
+                "timed out (hang)" if res and res.timed_out else
+                (res.log if res and res.rc is None else f"exit code {res.rc if res else None}"))
+        report["runs"][spec.name] = entry
+        report["passed"] &= bool(entry["passed"])
+    report["passed"] &= not report["problems"]
+    report["curves"] = {name: {str(s): v for s, v in c.items()} for name, c in curves.items()}
+    return report
+
+
+def _fmt(value, spec=".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report_markdown(report: dict) -> str:
+    p = report["preset"]
+    t = report["tolerance"]
+    lines = [
+        f"# Parallel validation: {report['device']} x {report['num_gpus']}",
+        "",
+        f"model={p['model']} attention={p['attention']} seq={p['seq_length']} "
+        f"global_batch={p['global_batch_size']} micro_batch={p['micro_batch_size']} "
+        f"steps={p['steps']} (warmup {p['warmup_steps']} + sparse {p['steps'] - p['warmup_steps']}) "
+        f"precision={p['precision']} resume_step={p['resume_step']}",
+        "",
+        f"Tolerance at step s: max({t['factor']} x running max |ref - ref_det| up to s, "
+        f"{t['rel_floor']:.3g} x |ref loss|); pass = all steps logged and finite, >= "
+        f"{t['within_fraction']:.0%} of steps inside, mean deviation of the last {t['final_window']} "
+        f"steps inside. Reference gap: max {_fmt(report['noise']['max_abs_ref_gap'], '.4g')}, "
+        f"step 1 {_fmt(report['noise']['first_step_ref_gap'], '.4g')}.",
+        "",
+        "| run | layout | GPUs (dp) | result | step-1 diff | max abs diff | max diff/tol | in band | "
+        "last-window diff / tol | dense tok/s/GPU | sparse tok/s/GPU | sparse TFLOP/s/GPU | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in report["runs"].items():
+        c = r.get("vs_source") or r.get("vs_reference") or {}
+        tp = r["throughput"]
+        result = "PASS" if r["passed"] else "FAIL"
+        lines.append(
+            f"| {name} | {r['layout']} | {r['nproc']} ({r['dp']}) | {result} | "
+            f"{_fmt(c.get('first_step_diff'), '+.4f')} | {_fmt(c.get('max_abs_diff'))} | "
+            f"{_fmt(c.get('max_diff_over_tol'), '.2f')} | {_fmt(c.get('within_fraction'), '.0%')} | "
+            f"{_fmt(c.get('final_mean_diff'), '+.4f')} / {_fmt(c.get('final_mean_tol'))} | "
+            f"{_fmt(tp.get('dense/tokens_per_sec_per_gpu'), ',.0f')} | "
+            f"{_fmt(tp.get('sparse/tokens_per_sec_per_gpu'), ',.0f')} | "
+            f"{_fmt(tp.get('sparse/tflops_per_gpu'), '.1f')} | {_fmt(r['seconds'], '.0f')} |")
+    lines.append("")
+    lines.append("Resume runs are compared with their source layout (and the reference) on the steps "
+                 "after the resume step only.")
+    for name, r in report["runs"].items():
+        why = list(r.get("problems", []))
+        for key in ("vs_reference", "vs_source"):
+            if key in r and not r[key]["passed"]:
+                why += [f"{key}: {x}" for x in r[key]["reasons"]]
+        if why:
+            lines.append(f"- {name}: " + "; ".join(why))
+    for label, problems in report["skipped_layouts"].items():
+        lines.append(f"- skipped {label}: " + "; ".join(problems))
+    for problem in report["problems"]:
+        lines.append(f"- {problem}")
+    lines.append("")
+    lines.append(f"**Overall: {'PASS' if report['passed'] else 'FAIL'}**")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(report: dict, path: Path) -> Optional[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    curves = {k: {int(s): v for s, v in c.items()} for k, c in report["curves"].items() if c}
+    ref = curves.get(REF, {})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for name, c in curves.items():
+        if name == INIT:
+            continue
+        steps = sorted(c)
+        ax1.plot(steps, [c[s] for s in steps], label=name, lw=1.2)
+        common = [s for s in steps if s in ref]
+        if name != REF and common:
+            ax2.plot(common, [c[s] - ref[s] for s in common], label=name, lw=1.0)
+    ax1.set(xlabel="step", ylabel="train/lm_loss", title="loss")
+    ax2.set(xlabel="step", ylabel="loss - ref", title="deviation from the 1-GPU reference")
+    ax2.axhline(0.0, color="k", lw=0.5)
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{report['device']} x {report['num_gpus']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(plan: Plan, report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(report_markdown(report))
+    plot_curves(report, out / "loss_curves.png")
+    # One archive (the device tool returns few files): each run's metrics and the tail of its log.
+    with tarfile.open(out / "metrics.tar.gz", "w:gz") as tar:
+        for spec in plan.runs:
+            metrics = plan.work / "runs" / spec.name / "metrics.jsonl"
+            if metrics.is_file():
+                tar.add(metrics, arcname=f"{spec.name}/metrics.jsonl")
+            log = plan.work / "logs" / f"{spec.name}.log"
+            if log.is_file():
+                tail = plan.work / "logs" / f"{spec.name}.tail.log"
+                tail.write_text(_tail(log, 300) + "\n")
+                tar.add(tail, arcname=f"{spec.name}/log_tail.txt")
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker (the torchrun entry point)
+# ------------------------------------------------------------------------------------------------
+
+
+def ensure_msa_kernels() -> None:
+    """`import msa_kernels` maps to ./kernels through the editable install; a checkout run from
+    PYTHONPATH (the GPU box) lacks it, so register the folder under that name."""
+    try:
+        import msa_kernels  # noqa: F401
+        return
+    except ModuleNotFoundError as exc:
+        if exc.name != "msa_kernels":
+            raise
+    init = REPO / "kernels" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("msa_kernels", init,
+                                                  submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["msa_kernels"] = module
+    spec.loader.exec_module(module)
+
+
+FULLY_RESHARDABLE = ("fully_reshardable", "fully_sharded_model_space")
+
+
+def enable_reshardable_optimizer_checkpoints() -> bool:
+    """Workaround until the trainer saves a layout-independent optimizer format.
+
+    msa_train.trainer.checkpointing saves the distributed optimizer as `dp_reshardable`: flat
+    per-(TP, PP) buffers that only reload at the same TP/PP/EP, so a checkpoint cannot resume at
+    another layout. Switch it to `fully_reshardable` (per-parameter tensors in model space), and
+    keep Megatron 0.16.1's loader from failing on plain torch Adam's `step` entry, which that
+    format does not store (the trainer restores `step` from the param groups afterwards).
+    Returns True if anything was patched.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from msa_train.trainer import checkpointing
+
+    if checkpointing.OPTIMIZER_METADATA.get("distrib_optim_sharding_type") in FULLY_RESHARDABLE:
+        return False
+    checkpointing.OPTIMIZER_METADATA = dict(checkpointing.OPTIMIZER_METADATA,
+                                            distrib_optim_sharding_type="fully_reshardable")
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        group, order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group]["params"][order]]
+        if "step" in state and "step" not in tensors:
+            tensors = dict(tensors, step=state["step"])
+        return original(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    return True
+
+
+def worker_main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="gpu_parallel_validation.py worker")
+    parser.add_argument("--reshardable-optimizer", action="store_true")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    ensure_msa_kernels()
+    if args.reshardable_optimizer and enable_reshardable_optimizer_checkpoints():
+        if os.environ.get("RANK", "0") == "0":
+            print("gpu_parallel_validation: optimizer checkpoints saved as fully_reshardable "
+                  "(workaround, see enable_reshardable_optimizer_checkpoints)", flush=True)
+    from msa_train.train import main as msa_train_main
+
+    sys.argv = [sys.argv[0]] + list(args.overrides)
+    msa_train_main()
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+
+def _device_name(device: str) -> str:
+    if device == "cpu":
+        import platform
+
+        return f"CPU ({platform.processor() or platform.machine()}, gloo)"
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
+def _plan_from_args(args) -> Plan:
+    base = PRESETS[args.preset]
+    preset = dataclasses.replace(
+        base, **{k: v for k, v in (("steps", args.steps), ("warmup_steps", args.warmup_steps),
+                                   ("resume_step", args.resume_step), ("seq_length", args.seq_length),
+                                   ("global_batch_size", args.global_batch_size))
+                 if v is not None})
+    if args.device == "cpu" and preset.precision == "bf16":
+        preset = dataclasses.replace(preset, precision="fp32")
+    shape = ModelShape.from_configs(preset.model, preset.attention)
+    layouts = parse_layout_list(args.layouts) if args.layouts.strip() else None
+    return build_plan(preset, args.device, args.gpus, Path(args.work).resolve(), shape,
+                      layouts=layouts, resume=args.resume, patch_optimizer=not args.no_optimizer_workaround)
+
+
+def _tolerance(args, precision: str) -> Tolerance:
+    floor = args.rel_floor if args.rel_floor is not None else (
+        BF16_REL_FLOOR if precision == "bf16" else FP32_REL_FLOOR)
+    return Tolerance(factor=args.factor, rel_floor=floor, within_fraction=args.within,
+                     final_window=args.final_window)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "worker":
+        rest = argv[1:]
+        if "--" in rest:
+            i = rest.index("--")
+            rest = rest[:i] + rest[i + 1:]
+        worker_main(rest)
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("run", "plan", "compare"))
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="ranks per layout run (default: visible GPUs; required with --device cpu)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--warmup-steps", type=int)
+    parser.add_argument("--resume-step", type=int)
+    parser.add_argument("--seq-length", type=int)
+    parser.add_argument("--global-batch-size", type=int)
+    parser.add_argument("--layouts", default="",
+                        help="layouts, comma or space separated, e.g. 'tp2,cp2,ep2,pp2' or 'tp2xcp2,pp2xep2' "
+                             "(default: the set for --gpus)")
+    parser.add_argument("--resume", default=None,
+                        help="SOURCE:TARGET[,...] save/resume pairs (default: tp2:cp2, or first:second)")
+    parser.add_argument("--work", default="/tmp/msa_parallel_validation",
+                        help="runs, checkpoints, logs (large; not --out)")
+    parser.add_argument("--out", default=None, help="report.json, report.md, loss_curves.png, metrics.tar.gz")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run before it counts as hung")
+    parser.add_argument("--factor", type=float, default=3.0, help="tolerance: x the references' gap")
+    parser.add_argument("--rel-floor", type=float, default=None,
+                        help="tolerance floor relative to the loss (default 2^-8 in bf16, 1e-5 in fp32)")
+    parser.add_argument("--within", type=float, default=0.9, help="share of steps that must be in band")
+    parser.add_argument("--final-window", type=int, default=10)
+    parser.add_argument("--no-optimizer-workaround", action="store_true",
+                        help="run the trainer's own optimizer checkpoint format (cross-layout resume "
+                             "then needs the trainer fix)")
+    args = parser.parse_args(argv)
+    if args.gpus is None:
+        if args.device == "cpu":
+            parser.error("--device cpu needs --gpus (the number of gloo ranks)")
+        import torch
+
+        args.gpus = torch.cuda.device_count()
+        if args.gpus < 1:
+            parser.error("no CUDA device visible: use --device cpu --gpus N for a gloo run")
+    plan = _plan_from_args(args)
+    tol = _tolerance(args, plan.preset.precision)
+    out = Path(args.out or plan.work / "report").resolve()
+    if args.command == "plan":
+        print(f"layouts: {[layout.label for layout in plan.layouts]}  skipped: {plan.skipped}")
+        print(f"resume: {[resume_name(a, b) for a, b in plan.resume_pairs]}")
+        for spec in plan.runs:
+            print(f"\n[{spec.name}] ({spec.role})\n  " + " ".join(worker_command(spec)))
+        return 0
+    if args.command == "run":
+        if plan.work.exists():
+            shutil.rmtree(plan.work / "runs", ignore_errors=True)
+            shutil.rmtree(plan.work / "init_ckpt", ignore_errors=True)
+        plan.work.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        results = execute(plan, args.timeout)
+        print(f"all runs done in {time.time() - t0:.0f} s", flush=True)
+        (plan.work / "results.json").write_text(json.dumps(
+            {k: dataclasses.asdict(v) for k, v in results.items()}, indent=1))
+    else:
+        saved = plan.work / "results.json"
+        if not saved.is_file():
+            raise SystemExit(f"--work {plan.work}: no results.json (run `run` first)")
+        results = {k: RunResult(**v) for k, v in json.loads(saved.read_text()).items()}
+    report = build_report(plan, results, tol, _device_name(plan.device))
+    write_outputs(plan, report, out)
+    print(report_markdown(report), flush=True)
+    print(f"outputs: {out}", flush=True)
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
