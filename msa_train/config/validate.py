@@ -218,8 +218,9 @@ def _check_checkpoint(cfg: DictConfig, errors: List[str]) -> None:
         errors.append(f"checkpoint.save_interval={ck.save_interval} must be >= 1 or null")
     if ck.keep_last_k is not None and ck.keep_last_k < 1:
         errors.append(f"checkpoint.keep_last_k={ck.keep_last_k} must be >= 1 or null (keep all)")
-    if (ck.save_interval or ck.keep_last_k) and not ck.save:
-        errors.append("checkpoint.save_interval / keep_last_k are set but checkpoint.save is null")
+    if ck.save_interval and not ck.save:
+        errors.append(f"checkpoint.save_interval={ck.save_interval} but checkpoint.save is null: "
+                      "set a save directory or checkpoint.save_interval=null")
     if cfg.train.max_steps_per_job and not ck.save:
         errors.append("train.max_steps_per_job stops the job early: set checkpoint.save so it can "
                       "resume")
