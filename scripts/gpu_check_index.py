@@ -279,14 +279,14 @@ def time_kl(t_len, hq, hkv, d, di, bs, topk, dev, pattern, deterministic=False):
 def sweep_kl(dev):
     import msa_kernels.kl.triton as klt
     base = dict(klt.CONFIG)
-    for upd in (dict(), dict(kv_bn=64), dict(kv_bwd_warps=4), dict(kv_tm=32)):
+    for upd in (dict(), dict(union_max_waste=0.0), dict(union_max_waste=0.0, kv_bwd_warps=4)):
         klt.CONFIG.clear(); klt.CONFIG.update(base); klt.CONFIG.update(upd)
         try:
             time_kl(32768, 64, 8, 128, 128, 128, 16, dev, "realistic")
             log(f"  ^ kl sweep cfg {upd or 'default'}")
         except Exception as e:  # a config that does not compile (shared memory) is skipped
             log(f"kl sweep cfg {upd}: failed {type(e).__name__}: {str(e)[:200]}")
-    for upd in (dict(), dict(dense_bm=128, dense_warps=8)):
+    for upd in ():
         klt.CONFIG.clear(); klt.CONFIG.update(base); klt.CONFIG.update(upd)
         try:
             time_kl_dense(8192, 64, 8, 128, 128, dev)

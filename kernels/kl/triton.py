@@ -490,10 +490,13 @@ def _interpreting(device) -> bool:
 
 # Tile choices on Hopper (measurements in kernels/BENCHMARKS_index.md); scripts/gpu_check_index.py
 # sweeps alternatives by editing this dict. The interpreter config keeps CPU tests small and fast.
+# union_max_waste: the non-deterministic sparse KL takes the union-tile forward when it computes at most
+# this many tile rows per useful (token, block) pick, else the all-KV-outer atomic path (0 = never).
 CONFIG = dict(kv_tm=64, kv_bn=128, kv_chunk=256, kv_fwd_warps=4, kv_bwd_warps=8, stages=2,
-              qtile_tm=16, qtile_warps=4, dense_bm=64, dense_bn=64, dense_warps=4)
+              union_max_waste=2.0, qtile_tm=16, qtile_warps=4, dense_bm=64, dense_bn=64, dense_warps=4)
 INTERPRET_CONFIG = dict(kv_tm=16, kv_bn=16, kv_chunk=8, kv_fwd_warps=4, kv_bwd_warps=4, stages=1,
-                        qtile_tm=16, qtile_warps=4, dense_bm=16, dense_bn=16, dense_warps=4)
+                        union_max_waste=0.0, qtile_tm=16, qtile_warps=4, dense_bm=16, dense_bn=16,
+                        dense_warps=4)
 
 
 def _cfg(device) -> dict:
@@ -542,13 +545,25 @@ def _dk_buffer(k_idx, hkv: int, deterministic: bool):
     return torch.zeros((groups, k_idx.shape[0], k_idx.shape[1]), dtype=torch.float32, device=k_idx.device)
 
 
-def _sparse_forward(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size, scale, iscale, want_dq):
+def _union_schedule(topk_idx, layout, block_size, device):
+    """(blk_rows [Hkv, T, K], Q-tile union schedule) of the union-tile forward."""
+    blk_rows = block_key_rows(topk_idx, layout, block_size)  # [Hkv, T, K] int64
+    return blk_rows, build_q_tiles(blk_rows, _cfg(device)["qtile_tm"])
+
+
+def _union_waste(blk_rows, sched) -> float:
+    """Tile rows the union forward computes per useful (token, block) pick (1 = no waste; one sync)."""
+    picks = int((blk_rows >= 0).sum())
+    return float(sched.counts.sum()) * sched.tokens_per_tile / max(1, picks)
+
+
+def _sparse_forward(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size, scale, iscale, want_dq,
+                    schedule=None):
     t, hq, hkv, d, di, g = _check_kernel_limits(q, k, q_idx, k_idx)
     dev = q.device
     cfg = _cfg(dev)
-    tm = cfg["qtile_tm"]
-    blk_rows = block_key_rows(topk_idx, layout, block_size)  # [Hkv, T, K] int64
-    sched = build_q_tiles(blk_rows, tm)
+    blk_rows, sched = schedule if schedule is not None else _union_schedule(topk_idx, layout, block_size, dev)
+    tm = sched.tokens_per_tile
     qk_rows = query_key_rows(layout)  # [T] int32
     kl = torch.empty((hkv, t), dtype=torch.float32, device=dev)
     lses = torch.empty_like(kl)
@@ -679,14 +694,15 @@ class _IndexerKLTritonAtomic(torch.autograd.Function):
 
 
 class _IndexerKLTriton(torch.autograd.Function):
-    """Deterministic mode: union-tile Q-outer forward (eager dq_idx), per-group dk_idx buffers."""
+    """Union-tile Q-outer forward (eager dq_idx, no atomics) + KV-outer dk_idx pass: fp32 atomics over
+    chunked units, or (deterministic) one unit per (group, block) into per-group buffers."""
 
     @staticmethod
     def forward(ctx, q, k, lse, q_idx, k_idx, topk_idx, layout, block_size, scale, iscale, reduction,
-                deterministic):
+                deterministic, schedule):
         want = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         kl, lses, psum, dq, qk_rows, blk_rows = _sparse_forward(
-            q, k, lse, q_idx, k_idx, topk_idx, layout, block_size, scale, iscale, want)
+            q, k, lse, q_idx, k_idx, topk_idx, layout, block_size, scale, iscale, want, schedule)
         norm = _norm(layout, k.shape[1], reduction)
         if want:
             ctx.save_for_backward(q, k, lse, q_idx, k_idx, lses, psum, dq, qk_rows, blk_rows)
@@ -704,7 +720,7 @@ class _IndexerKLTriton(torch.autograd.Function):
             dk = _sparse_dk(q, k, lse, q_idx, k_idx, lses, psum, qk_rows, blk_rows, layout, block_size,
                             scale, iscale, deterministic)
             dk_idx = (dk * coef).to(k_idx.dtype)
-        return None, None, None, dq_idx, dk_idx, None, None, None, None, None, None, None
+        return None, None, None, dq_idx, dk_idx, None, None, None, None, None, None, None, None
 
 
 def indexer_kl_triton(q, k, lse, q_idx, k_idx, topk_idx, layout: VarlenLayout, *, block_size: int,
@@ -715,11 +731,21 @@ def indexer_kl_triton(q, k, lse, q_idx, k_idx, topk_idx, layout: VarlenLayout, *
         raise ValueError(f"block_size={block_size} exceeds the Triton KL tile (<= 256)")
     q, k, q_idx, k_idx = _last_contig(q.detach(), k.detach(), q_idx, k_idx)
     lse = lse.detach().float()
+    schedule = None
     if not deterministic:
-        return _IndexerKLTritonAtomic.apply(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size,
-                                            float(scale), float(index_scale), reduction)
+        # Neighbouring tokens that share blocks (local + shared long-range patterns) make the union
+        # forward nearly waste-free and spare the backward its dq_idx atomics; near-random
+        # selections blow the union up (~16x), so those take the all-KV-outer path.
+        max_waste = _cfg(q.device)["union_max_waste"]
+        if max_waste > 0:
+            schedule = _union_schedule(topk_idx, layout, block_size, q.device)
+            if _union_waste(*schedule) > max_waste:
+                schedule = None
+        if schedule is None:
+            return _IndexerKLTritonAtomic.apply(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size,
+                                                float(scale), float(index_scale), reduction)
     return _IndexerKLTriton.apply(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size, float(scale),
-                                  float(index_scale), reduction, bool(deterministic))
+                                  float(index_scale), reduction, bool(deterministic), schedule)
 
 
 def _dense_lse(q, k, layout, scale, frag, tile_frag, tile_m0, bm, bn):

@@ -106,9 +106,19 @@ SPARSE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.fixture
+def kl_path(request, monkeypatch):
+    """Route the sparse KL through one of its three paths: all-KV-outer atomics ("atomic"), union-tile
+    forward + atomic dk ("union"), or the deterministic union path ("deterministic")."""
+    cfg = kl_triton.CONFIG if CUDA else kl_triton.INTERPRET_CONFIG
+    monkeypatch.setitem(cfg, "union_max_waste", 1e9 if request.param == "union" else 0.0)
+    return request.param == "deterministic"
+
+
+@pytest.mark.parametrize("kl_path", ["atomic", "union", "deterministic"], indirect=True)
 @pytest.mark.parametrize("lens,hq,hkv,d,di,bs,topk", SPARSE_CASES)
-def test_indexer_kl_matches_reference(lens, hq, hkv, d, di, bs, topk, deterministic):
+def test_indexer_kl_matches_reference(lens, hq, hkv, d, di, bs, topk, kl_path):
+    deterministic = kl_path
     c = _case(lens, hq, hkv, d, di, bs, topk)
     got = _grads(_sparse(c, deterministic), c["q_idx"], c["k_idx"])
     ref = _grads(_sparse(c, deterministic, impl="reference"), c["q_idx"], c["k_idx"])
