@@ -44,7 +44,7 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ class Preset:
 
 PRESETS: Dict[str, Preset] = {
     # 8192 tokens with 128-token blocks and top-16: each query reads at most 2048 of up to 8192 keys.
-    "small": Preset(model="small", attention="paper", seq_length=8192, global_batch_size=4,
+    "small": Preset(model="small", attention="paper", seq_length=8192, global_batch_size=2,
                     micro_batch_size=1, steps=50, warmup_steps=10, resume_step=30, lr=3.0e-4,
                     min_lr=3.0e-5, lr_warmup_steps=5, precision="bf16"),
     # CPU smoke: 512 tokens, 16-token blocks, top-4 (64 of up to 512 keys); seconds per step.
@@ -216,21 +216,25 @@ def default_resume_pairs(layouts: Sequence[Layout]) -> List[Tuple[Layout, Layout
     return []
 
 
-def parse_resume(text: str, layouts: Sequence[Layout]) -> List[Tuple[Layout, Layout]]:
-    """'tp2:cp2,ep2:tp2' -> pairs; both ends must be layouts of this plan."""
+def parse_resume(text: str, layouts: Sequence[Layout],
+                 problems_of: Callable[[Layout], List[str]]) -> List[Tuple[Layout, Layout]]:
+    """'tp2:cp2,ep2:tp2' -> pairs. The source must be a planned layout (its run writes the
+    checkpoint); the target only has to fit (problems_of(target) empty)."""
     known = {layout.name: layout for layout in layouts}
     pairs = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         if ":" not in item:
             raise ValueError(f"--resume: {item!r} is not SOURCE:TARGET (e.g. tp2:cp2)")
         src, dst = (parse_layout(s) for s in item.split(":", 1))
-        for end in (src, dst):
-            if end.name not in known:
-                raise ValueError(f"--resume: {end.name} is not one of the planned layouts "
-                                 f"{sorted(known)} (add it to --layouts)")
+        if src.name not in known:
+            raise ValueError(f"--resume: source {src.name} is not one of the planned layouts "
+                             f"{sorted(known)} (add it to --layouts)")
         if src == dst:
             raise ValueError(f"--resume: {item!r} saves and resumes at the same layout")
-        pairs.append((known[src.name], known[dst.name]))
+        problems = problems_of(dst)
+        if problems:
+            raise ValueError(f"--resume: target {dst.label} cannot run here: " + "; ".join(problems))
+        pairs.append((known[src.name], dst))
     return pairs
 
 
@@ -315,6 +319,15 @@ def build_plan(preset: Preset, device: str, num_gpus: int, work: Path, shape: Mo
     if not 0 < preset.warmup_steps < preset.steps:
         raise ValueError(f"--warmup-steps={preset.warmup_steps} must be in 1..--steps-1={preset.steps - 1}")
     candidates = list(layouts) if layouts is not None else default_layouts(num_gpus)
+    # Every run reads the same global batches: make the batch divisible by each layout's DP size.
+    batch = preset.global_batch_size
+    for layout in candidates:
+        if num_gpus % layout.model_parallel == 0:
+            batch = math.lcm(batch, preset.micro_batch_size * layout.dp(num_gpus))
+    if batch != preset.global_batch_size:
+        print(f"global batch {preset.global_batch_size} -> {batch} (a multiple of every layout's "
+              "micro batch x data-parallel size)", flush=True)
+        preset = dataclasses.replace(preset, global_batch_size=batch)
     good, skipped = [], {}
     for layout in candidates:
         problems = layout_problems(layout, num_gpus, shape, preset.seq_length,
@@ -325,7 +338,11 @@ def build_plan(preset: Preset, device: str, num_gpus: int, work: Path, shape: Mo
             skipped[layout.label] = problems
         else:
             good.append(layout)
-    pairs = parse_resume(resume, good) if resume is not None else default_resume_pairs(good)
+    def problems_of(layout: Layout) -> List[str]:
+        return layout_problems(layout, num_gpus, shape, preset.seq_length, preset.global_batch_size,
+                               preset.micro_batch_size)
+
+    pairs = parse_resume(resume, good, problems_of) if resume is not None else default_resume_pairs(good)
     plan = Plan(preset=preset, device=device, num_gpus=num_gpus, work=work, layouts=good,
                 skipped=skipped, resume_pairs=pairs)
     max_tp = max([layout.tp for layout in good] + [1])
@@ -458,41 +475,51 @@ def _tail(path: Path, lines: int) -> str:
     return "\n".join(text[-lines:])
 
 
-def execute(plan: Plan, timeout: float) -> Dict[str, RunResult]:
-    """Init, then the two references (side by side when there are 2+ GPUs), then each layout, then
-    each resume. A failed prerequisite marks its dependents as not run instead of running them."""
+def execution_order(plan: Plan) -> List[List[RunSpec]]:
+    """Batches of runs, each batch after the previous: the init, the references (side by side on
+    separate GPUs when there are 2+), then the resume sources with their resumes right after (so a
+    short time budget still covers a cross-layout resume), then the other layouts."""
+    refs = [s for s in plan.runs if s.role == "reference"]
+    ref_batches = [refs] if plan.device == "cuda" and plan.num_gpus >= len(refs) else [[r] for r in refs]
+    sources = {s.source for s in plan.runs if s.role == "resume"}
+    batches = [[plan.run(INIT)]] + ref_batches
+    for spec in plan.runs:
+        if spec.role == "layout" and spec.name in sources:
+            batches.append([spec])
+            batches += [[r] for r in plan.runs if r.role == "resume" and r.source == spec.name]
+    batches += [[s] for s in plan.runs if s.role == "layout" and s.name not in sources]
+    return batches
+
+
+def execute(plan: Plan, timeout: float, budget: Optional[float] = None) -> Dict[str, RunResult]:
+    """Run the batches of execution_order. A run whose prerequisite failed, or that would start
+    with less than `timeout` / 4 of the time budget left, is recorded as not run; a run's timeout
+    never reaches past the budget, so the report is always written in time."""
     results: Dict[str, RunResult] = {}
+    t_start = time.time()
 
     def skip(spec: RunSpec, why: str) -> None:
         print(f"[{spec.name}] not run: {why}", flush=True)
-        results[spec.name] = RunResult(spec.name, None, 0.0, False, why)
+        results[spec.name] = RunResult(spec.name, None, 0.0, False, f"not run: {why}")
 
-    def one(spec: RunSpec, gpu_ids=None) -> None:
-        results[spec.name] = Launched(spec, plan, gpu_ids, timeout).wait()
-
-    init = plan.run(INIT)
-    one(init, [0] if plan.device == "cuda" else None)
-    refs = [s for s in plan.runs if s.role == "reference"]
-    layouts = [s for s in plan.runs if s.role == "layout"]
-    resumes = [s for s in plan.runs if s.role == "resume"]
-    if not results[INIT].ok:
-        for spec in refs + layouts + resumes:
-            skip(spec, "the initial checkpoint run failed")
-        return results
-    if plan.device == "cuda" and plan.num_gpus >= 2:
-        launched = [Launched(spec, plan, [i], timeout) for i, spec in enumerate(refs)]
-        for item in launched:
+    for batch in execution_order(plan):
+        left = math.inf if budget is None else budget - (time.time() - t_start)
+        launch = []
+        for spec in batch:
+            need = INIT if spec.name != INIT else None
+            if spec.role == "resume":
+                need = spec.source
+            if need is not None and not (need in results and results[need].ok):
+                skip(spec, f"{need} did not finish")
+            elif left < timeout / 4:
+                skip(spec, f"time budget: {max(left, 0):.0f} s left of --budget {budget:.0f}")
+            else:
+                launch.append(spec)
+        # One-rank runs of a batch get a GPU each; multi-rank runs see every GPU.
+        running = [Launched(spec, plan, [i] if plan.device == "cuda" and spec.nproc == 1 else None,
+                            min(timeout, left)) for i, spec in enumerate(launch)]
+        for item in running:
             results[item.spec.name] = item.wait()
-    else:
-        for spec in refs:
-            one(spec)
-    for spec in layouts:
-        one(spec)
-    for spec in resumes:
-        if results.get(spec.source) is None or not results[spec.source].ok:
-            skip(spec, f"its source run {spec.source} failed")
-        else:
-            one(spec)
     return results
 
 
@@ -945,6 +972,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="runs, checkpoints, logs (large; not --out)")
     parser.add_argument("--out", default=None, help="report.json, report.md, loss_curves.png, metrics.tar.gz")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run before it counts as hung")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for all runs together (runs that would start too late are "
+                             "reported as not run); keep it under the device call's limit")
     parser.add_argument("--factor", type=float, default=3.0, help="tolerance: x the references' gap")
     parser.add_argument("--rel-floor", type=float, default=None,
                         help="tolerance floor relative to the loss (default 2^-8 in bf16, 1e-5 in fp32)")
@@ -977,7 +1007,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             shutil.rmtree(plan.work / "init_ckpt", ignore_errors=True)
         plan.work.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        results = execute(plan, args.timeout)
+        results = execute(plan, args.timeout, args.budget)
         print(f"all runs done in {time.time() - t0:.0f} s", flush=True)
         (plan.work / "results.json").write_text(json.dumps(
             {k: dataclasses.asdict(v) for k, v in results.items()}, indent=1))
