@@ -393,3 +393,147 @@ def _teacher(cap, seq):
                           k.float().view(n, seq, hkv, d)) * cap["scale"]
     p = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1).mean(2)
     return p, causal
+
+
+# ------------------------------------------------------------------------------------------ main
+
+RUNS = {
+    # name: (overrides, description)
+    "base": ([], "default tiny_cpu: 20 warmup + 40 sparse steps, content-only index branch"),
+    "base_idx_only": (["checkpoint.init_from={base}", "stage.run=sparse",
+                       "stage.sparse.trainable=indexer_only", "stage.sparse.tokens={idx_tokens}"],
+                      "from base@60: sparse, indexer_only, content-only index branch"),
+    "rope": (["attention.index_rope=true"], "tiny_cpu with attention.index_rope=true"),
+    "rope_idx_only": (["attention.index_rope=true", "checkpoint.init_from={base}", "stage.run=sparse",
+                       "stage.sparse.trainable=indexer_only", "stage.sparse.tokens={idx_tokens}"],
+                      "from base@60: sparse, indexer_only, index RoPE switched on"),
+}
+
+
+def part_train(workdir: str, idx_steps: int) -> Dict[str, List[Dict]]:
+    base_ckpt = os.path.join(workdir, "base", "ckpt")
+    fmt = dict(base=base_ckpt, idx_tokens=idx_steps * 8 * 512)
+    out = {}
+    for name, (overrides, _) in RUNS.items():
+        path = run_trainer(workdir, name, [o.format(**fmt) for o in overrides])
+        out[name] = read_metrics(path)
+    return out
+
+
+def checkpoints(workdir: str) -> Dict[str, str]:
+    """label -> iter dir of every checkpoint the analysis reads."""
+    found = {}
+    for name in RUNS:
+        ckpt = os.path.join(workdir, name, "ckpt")
+        if not os.path.isdir(ckpt):
+            continue
+        for entry in sorted(os.listdir(ckpt)):
+            if entry.startswith("iter_"):
+                found[f"{name}@{int(entry[5:])}"] = os.path.join(ckpt, entry)
+    return found
+
+
+def part_analyze(workdir: str, fit_steps: int, num_batches: int = 2) -> Dict:
+    from msa_train.compat import destroy_parallel, init_parallel
+
+    init_parallel({})
+    gen = torch.Generator().manual_seed(0)
+    results: Dict = {"layers": {}, "fit": {}}
+    try:
+        for label, iter_dir in checkpoints(workdir).items():
+            model, cfg = load_checkpoint_model(iter_dir)
+            batches = validation_batches(cfg, num_batches, 4)
+            caps = [capture_layers(model, b) for b in batches]
+            per_layer = {}
+            for layer in sorted(caps[0]):
+                reports = [layer_report(c[layer], cfg, gen) for c in caps]
+                per_layer[layer] = {k: sum(r[k] for r in reports) / len(reports) for k in reports[0]}
+            results["layers"][label] = per_layer
+            print(f"[analyze] {label}: " + "  ".join(
+                f"L{l} kl {r['kl_sparse']:.4f}/unif {r['kl_sparse_uniform']:.4f} "
+                f"score {r['score_recall']:.3f} (rand {r['score_recall_random']:.3f}, "
+                f"oracle {r['score_recall_oracle']:.3f})" for l, r in per_layer.items()), flush=True)
+            if label == "base@60":  # what an index branch CAN reach on this frozen backbone
+                for layer in sorted(caps[0]):
+                    fits = {}
+                    for variant, rope, di in (("content_only", False, None), ("content_only_di128", False, 128),
+                                              ("index_rope", True, None)):
+                        fits[variant] = fit_indexer([caps[0][layer]], [caps[1][layer]], cfg, rope,
+                                                    fit_steps, di)
+                    results["fit"][layer] = fits
+                    print(f"[analyze] fit {label} L{layer}: " + "  ".join(
+                        f"{v} {f['fit_test_kl']:.4f}" for v, f in fits.items()), flush=True)
+    finally:
+        destroy_parallel()
+    return results
+
+
+def plot(results: Dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    for mode, curve in results.get("unit", {}).items():
+        ax.semilogy(curve, label=f"{mode} KL")
+    ax.set(title="unit: W_qi/W_ki only, learnable teacher", xlabel="Adam step", ylabel="KL")
+    ax.legend()
+    ax = axes[1]
+    styles = {"base": "C0-", "rope": "C1-", "base_idx_only": "C0:", "rope_idx_only": "C1:"}
+    for name, rows in results.get("train", {}).items():
+        steps = [r["step"] for r in rows if "train/indexer_kl" in r]
+        kls = [r["train/indexer_kl"] for r in rows if "train/indexer_kl" in r]
+        ax.semilogy(steps, kls, styles.get(name, "-"), label=name)
+    ax.axvline(20, color="gray", lw=0.8)
+    ax.set(title="trainer: train/indexer_kl (mean over MSA layers)", xlabel="step", ylabel="KL")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    layers = results.get("analyze", {}).get("layers", {})
+    labels = [l for l in ("base@60", "base_idx_only@120", "rope@60", "rope_idx_only@120") if l in layers]
+    if labels:
+        last = max(layers[labels[0]])
+        width = 0.8 / 3
+        xs = range(len(labels))
+        for j, (key, name) in enumerate((("score_recall_random", "random"), ("score_recall", "indexer"),
+                                         ("score_recall_oracle", "oracle"))):
+            ax.bar([x + (j - 1) * width for x in xs], [layers[l][last][key] for l in labels], width,
+                   label=name)
+        ax.set_xticks(list(xs), labels, rotation=15, fontsize=8)
+        ax.set(title=f"score recall, last MSA layer ({last}), held-out", ylim=(0, 1))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", required=True, help="runs, checkpoints and results go here")
+    ap.add_argument("--only", choices=("unit", "train", "analyze"), default=None)
+    ap.add_argument("--idx-steps", type=int, default=100, help="indexer-only continuation steps")
+    ap.add_argument("--fit-steps", type=int, default=150, help="Adam steps of the offline fit")
+    args = ap.parse_args(argv)
+    os.makedirs(args.workdir, exist_ok=True)
+    out_json = os.path.join(args.workdir, "results.json")
+    results = json.load(open(out_json)) if os.path.isfile(out_json) else {}
+    torch.manual_seed(0)
+    if args.only in (None, "unit"):
+        results["unit"] = unit_curves()
+        c = results["unit"]
+        print("[unit] " + "  ".join(f"{m}: {v[0]:.3g} -> {v[-1]:.3g} ({v[0] / v[-1]:.0f}x)"
+                                    for m, v in c.items()), flush=True)
+    if args.only in (None, "train"):
+        results["train"] = part_train(args.workdir, args.idx_steps)
+    if args.only in (None, "analyze"):
+        results["analyze"] = part_analyze(args.workdir, args.fit_steps)
+    with open(out_json, "w") as f:
+        json.dump(results, f, indent=1)
+    png = os.path.join(args.workdir, "tiny_study.png")
+    plot(results, png)
+    print(f"results: {out_json}\nplot: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,6 +2,11 @@
 index projections -> msa_kernels select / attention / KL -> KLAutoScaler -> kl_tracker) against a
 fixed, peaked teacher that the index branch can represent exactly.
 
+A second teacher is purely positional (its logits depend on i - j only, as a RoPE recency head's
+do) while the layer input carries no position: the paper's content-only index branch cannot fit
+it, the index-RoPE branch (attention.index_rope) can. This is what the tiny_cpu run hits
+(docs/TINY_SCALE_STUDY.md).
+
 Only W_qi / W_ki are optimized (Adam). The KL must fall by a large factor in both stages, the
 sparse selection must converge to the teacher's own top-k blocks, gradient ascent (negative loss
 scale) must make it rise (so the check discriminates), and d KL / d W_qi, d W_ki from the kernels
@@ -20,7 +25,7 @@ HIDDEN, HQ, HKV, D, DI = 32, 4, 2, 8, 16
 BLOCK, TOPK = 8, 3
 
 
-def make_layer(mode: str, index_dim: int = DI):
+def make_layer(mode: str, index_dim: int = DI, index_rope: bool = False):
     from megatron.core.transformer.enums import AttnMaskType
 
     from msa_train.model import (AttentionConfig, ModelConfig, MSACoreAttention,
@@ -30,7 +35,8 @@ def make_layer(mode: str, index_dim: int = DI):
                             num_attention_heads=HQ, num_query_groups=HKV, kv_channels=D,
                             vocab_size=64, rotary_percent=0.5, num_moe_experts=None)
     attn_cfg = AttentionConfig(block_size=BLOCK, topk=TOPK, index_dim=index_dim,
-                               dense_first_layers=1, kl_coeff=1.0, mode=mode)
+                               dense_first_layers=1, kl_coeff=1.0, mode=mode,
+                               index_rope=index_rope)
     cfg = build_transformer_config(model_cfg, attn_cfg, {})
     layer = MSACoreAttention(cfg, layer_number=2, attn_mask_type=AttnMaskType.causal)
     layer.train()
@@ -181,3 +187,53 @@ def test_kl_gradient_matches_finite_differences(megatron_1rank, mode, monkeypatc
         analytic = float(sum((g * d).sum() for g, d in zip(grads, dirs)))
         assert abs(numeric) > 1e-2  # a direction the KL actually depends on
         assert analytic == pytest.approx(numeric, rel=2e-3), (mode, analytic, numeric)
+
+
+def positional_teacher(alpha: float = 4.0, seed: int = 3):
+    """Teacher logits that depend only on the relative position i - j (RoPE of constant vectors,
+    the index branch's own RoPE frequencies); the layer input is content only, plus a constant
+    channel, so an index branch WITH RoPE can represent the teacher exactly and one without can
+    only produce position-blind scores."""
+    from msa_train.model.indexer import apply_index_rope
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(S, B, HIDDEN, generator=gen)
+    x[..., -1] = 1.0  # constant feature: lets q_idx / k_idx be position-independent vectors
+    pos = torch.arange(S).repeat(B)  # packed positions
+    rope_dim = int(DI * 0.5) // 2 * 2  # the index branch's RoPE dims (rotary_percent 0.5)
+    assert rope_dim == D
+    a = torch.randn(HKV, D, generator=gen) * alpha
+    c = torch.randn(HKV, D, generator=gen)
+    q = apply_index_rope(a.expand(B * S, HKV, D), pos, rope_dim, 10000.0)  # [T, Hkv, D]
+    k = apply_index_rope(c.expand(B * S, HKV, D), pos, rope_dim, 10000.0)
+
+    def unpack(t):  # packed [b*s, H, D] -> Megatron [s, b, H, D]
+        return t.reshape(B, S, *t.shape[1:]).transpose(0, 1).contiguous()
+
+    q = unpack(q).repeat_interleave(HQ // HKV, dim=2)
+    v = torch.randn(S, B, HKV, D, generator=gen)
+    return q, unpack(k), v, x
+
+
+def uniform_student_kl(data) -> float:
+    """Dense-support KL of a student with constant scores (uniform): the no-information level."""
+    q, k, _, _ = data
+    zero_q, zero_k = torch.zeros(B * S, HKV, DI), torch.zeros(B * S, DI)
+    mask = kl_oracle.support_mask([S] * B, HKV)
+    return float(kl_oracle.indexer_kl(kl_oracle.pack(q), kl_oracle.pack(k), zero_q, zero_k, mask,
+                                      D ** -0.5, DI ** -0.5))
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_positional_teacher_needs_index_rope(megatron_1rank, mode):
+    data = positional_teacher()
+    uniform = uniform_student_kl(data)
+    assert uniform > 0.3, f"positional teacher too flat ({uniform:.3g})"
+    finals = {}
+    for rope in (False, True):
+        torch.manual_seed(0)
+        finals[rope] = train_indexer(make_layer(mode, index_rope=rope), data, steps=150)[-1]
+    if mode == "dense":  # content only: stuck near the uniform student (no position in its input)
+        assert finals[False] > 0.5 * uniform, (uniform, finals)
+    # With index RoPE the same optimizer, data and steps fit it (sparse: on its own support).
+    assert finals[True] < finals[False] / 10, (mode, uniform, finals)
