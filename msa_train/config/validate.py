@@ -83,6 +83,10 @@ def _check_train(cfg: DictConfig, errors: List[str]) -> None:
         errors.append(f"train.device={t.device!r} must be one of {list(DEVICES)}")
     if t.precision not in PRECISIONS:
         errors.append(f"train.precision={t.precision!r} must be one of {list(PRECISIONS)}")
+    if t.device == "cpu" and _cuda_visible():
+        errors.append("train.device=cpu needs a machine without a visible GPU (the CPU "
+                      "compatibility layer for Megatron-Core is off when CUDA exists): use "
+                      "train.device=auto, or hide the GPUs with CUDA_VISIBLE_DEVICES=''")
     if t.device == "cpu" and t.precision == "bf16":
         errors.append("train.precision=bf16 is GPU-only here: use train.precision=fp32 on CPU")
     if t.lr_decay_style not in LR_DECAY_STYLES:
@@ -103,6 +107,12 @@ def _check_train(cfg: DictConfig, errors: List[str]) -> None:
     if t.seq_length > cfg.model.max_position_embeddings:
         errors.append(f"train.seq_length={t.seq_length} exceeds model.max_position_embeddings="
                       f"{cfg.model.max_position_embeddings}")
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _msa_layers(cfg: DictConfig) -> int:
