@@ -10,7 +10,6 @@ not reported as results.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -202,17 +201,10 @@ def sweep_select(t_len, hkv, di, bs, topk, dev):
         log(f"select sweep T={t} Hkv={hkv} cfg={cfg or 'default'}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s")
 
 
-def time_select(t_len, hkv, di, bs, topk, dev):
-    lens = [t_len]
-    cu, lay, t = packed(lens, dev)
-    qi = torch.randn(t, hkv, di, device=dev, dtype=torch.bfloat16)
-    ki = torch.randn(t, di, device=dev, dtype=torch.bfloat16)
-    ms = bench(lambda: select_blocks_triton(qi, ki, lay, block_size=bs, topk=topk, index_scale=di ** -0.5))
-    ms_score = bench(lambda: select_blocks_triton(qi, ki, lay, block_size=bs, topk=topk, index_scale=di ** -0.5,
-                                                  _config=dict(score_only=True)))
-    flops = 2 * di * hkv * causal_pairs(lens)
-    # torch.topk baseline over the materialized [Hkv * T, T / Bk] block scores (bf16 GEMM + masked
-    # block max + topk), chunked to bound memory at 128K.
+def _topk_baseline(qi, ki, t, hkv, bs, topk):
+    """torch.topk over the materialized [Hkv * T, T / Bk] block scores (bf16 GEMM + masked block max
+    + topk), chunked to bound memory at 128K: (topk alone ms, whole pipeline ms)."""
+    dev = qi.device
     nb = -(-t // bs)
     scores = torch.empty(hkv, t, nb, device=dev, dtype=torch.float32)
     chunk = 2048
@@ -232,7 +224,19 @@ def time_select(t_len, hkv, di, bs, topk, dev):
     k_eff = min(topk, nb)
     ms_topk = bench(lambda: torch.topk(flat, k_eff, dim=-1, sorted=False))
     ms_full = bench(lambda: (materialize(), torch.topk(flat, k_eff, dim=-1, sorted=False)), reps=5)
-    del scores, flat
+    return ms_topk, ms_full
+
+
+def time_select(t_len, hkv, di, bs, topk, dev):
+    lens = [t_len]
+    cu, lay, t = packed(lens, dev)
+    qi = torch.randn(t, hkv, di, device=dev, dtype=torch.bfloat16)
+    ki = torch.randn(t, di, device=dev, dtype=torch.bfloat16)
+    ms = bench(lambda: select_blocks_triton(qi, ki, lay, block_size=bs, topk=topk, index_scale=di ** -0.5))
+    ms_score = bench(lambda: select_blocks_triton(qi, ki, lay, block_size=bs, topk=topk, index_scale=di ** -0.5,
+                                                  _config=dict(score_only=True)))
+    flops = 2 * di * hkv * causal_pairs(lens)
+    ms_topk, ms_full = _topk_baseline(qi, ki, t, hkv, bs, topk)
     torch.cuda.empty_cache()
     RESULTS.append(
         f"| select_blocks | {t // 1024}K | {hkv} | {di} | {bs} | {topk} | {ms:.3f} | {flops / ms / 1e9:.0f} "
@@ -270,8 +274,9 @@ def time_kl(t_len, hq, hkv, d, di, bs, topk, dev, pattern, deterministic=False):
 
     ms_f = bench(fwd, reps=10)
     ms_fb = bench(fwd_bwd, reps=10)
+    tag = f"{pattern}, deterministic" if deterministic else pattern
     RESULTS.append(
-        f"| indexer_kl ({pattern}{', deterministic' if deterministic else ''}) | {t // 1024}K | {hq}/{hkv} | {di} | {bs} | {topk} | fwd {ms_f:.2f}, "
+        f"| indexer_kl ({tag}) | {t // 1024}K | {hq}/{hkv} | {di} | {bs} | {topk} | fwd {ms_f:.2f}, "
         f"fwd+bwd {ms_fb:.2f} | {flops / ms_fb / 1e9:.0f} (fwd+bwd, KL formula) | - | - |")
     log(RESULTS[-1])
 
