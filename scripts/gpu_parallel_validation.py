@@ -21,6 +21,7 @@ reproduces the one-GPU loss curve up to bf16 rounding noise. The script
         --gpus 2 --out /tmp/pv
     python scripts/gpu_parallel_validation.py plan --gpus 4       # print layouts and commands only
     python scripts/gpu_parallel_validation.py compare --work /tmp/pv_work --out /tmp/pv  # re-report
+    python scripts/gpu_parallel_validation.py render --report $OUT/report.json  # report.md again
 
 Each run is `torchrun --standalone --nproc-per-node N <this file> worker -- <Hydra overrides>`; the
 worker makes `import msa_kernels` work without an editable install (the GPU box runs the repo from
@@ -758,9 +759,9 @@ def report_markdown(report: dict) -> str:
         result = "PASS" if r["passed"] else "FAIL"
         lines.append(
             f"| {name} | {r['layout']} | {r['nproc']} ({r['dp']}) | {result} | "
-            f"{_fmt(c.get('first_step_diff'), '+.4f')} | {_fmt(c.get('max_abs_diff'))} | "
+            f"{_fmt(c.get('first_step_diff'), '+.2e')} | {_fmt(c.get('max_abs_diff'), '.2e')} | "
             f"{_fmt(c.get('max_diff_over_tol'), '.2f')} | {_fmt(c.get('within_fraction'), '.0%')} | "
-            f"{_fmt(c.get('final_mean_diff'), '+.4f')} / {_fmt(c.get('final_mean_tol'))} | "
+            f"{_fmt(c.get('final_mean_diff'), '+.2e')} / {_fmt(c.get('final_mean_tol'), '.2e')} | "
             f"{_fmt(tp.get('dense/tokens_per_sec_per_gpu'), ',.0f')} | "
             f"{_fmt(tp.get('sparse/tokens_per_sec_per_gpu'), ',.0f')} | "
             f"{_fmt(tp.get('sparse/tflops_per_gpu'), '.1f')} | {_fmt(r['seconds'], '.0f')} |")
@@ -953,7 +954,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         worker_main(rest)
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("run", "plan", "compare"))
+    parser.add_argument("command", choices=("run", "plan", "compare", "render"))
     parser.add_argument("--gpus", type=int, default=None,
                         help="ranks per layout run (default: visible GPUs; required with --device cpu)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -983,7 +984,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-optimizer-workaround", action="store_true",
                         help="run the trainer's own optimizer checkpoint format (cross-layout resume "
                              "then needs the trainer fix)")
+    parser.add_argument("--report", default=None, help="render: report.json to turn into report.md")
     args = parser.parse_args(argv)
+    if args.command == "render":
+        if not args.report:
+            parser.error("render needs --report <report.json>")
+        report = json.loads(Path(args.report).read_text())
+        target = Path(args.out) if args.out else Path(args.report).with_suffix(".md")
+        target.write_text(report_markdown(report))
+        plot_curves(report, target.with_name("loss_curves.png"))
+        print(target.read_text())
+        return 0
     if args.gpus is None:
         if args.device == "cpu":
             parser.error("--device cpu needs --gpus (the number of gloo ranks)")
