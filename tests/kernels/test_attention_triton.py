@@ -272,6 +272,22 @@ def test_gpu_parity_bf16(seqlens, hq, hkv, deterministic):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("hq,hkv,dim,block,topk,dtype", [
+    (32, 4, 64, 64, 32, torch.float16),
+    (16, 2, 128, 64, 1, torch.bfloat16),
+    (8, 8, 64, 128, 32, torch.bfloat16),
+    (64, 4, 64, 128, 7, torch.float16),
+])
+def test_gpu_parity_other_configs(hq, hkv, dim, block, topk, dtype):
+    """The remaining head layouts, D = 64, block 64, top-1 and top-32, fp16, on packed sequences."""
+    q, k, v, topk_idx, layout, gen = make_case([1500, 37, 2600], hq, hkv, dim, block, topk, dtype,
+                                               seed=hq + dim + topk, empty_frac=0.01, force_block0=True)
+    for deterministic in (False, True):
+        tri, ref = run_both(q, k, v, topk_idx, layout, block, gen, deterministic=deterministic)
+        assert_close(tri, ref, 1.5e-2)
+
+
+@pytest.mark.gpu
 def test_gpu_int64_offsets():
     """q has more than 2^31 elements: row * stride must not wrap (checked on the last sequences)."""
     n_seq, seq = 130, 2048  # 266240 tokens x 64 heads x 128 > 2^31
