@@ -5,9 +5,10 @@ Backward plan:
 2. KV-outer pass: a program owns BLOCK_N key rows of one selected block for one KV group, and the
    queries that picked the block (reverse CSR from ``triton_common.build_kv_units``). It recomputes
    P from the stored LSE, keeps dK/dV in registers over all its queries and adds them once into fp32
-   buffers. dQ is scattered with fp32 atomics (fast, order-nondeterministic).
-3. dQ either from those atomics or from a separate Q-outer pass over the forward's union tiles (no
-   atomics; faster while neighbouring tokens share blocks, see ``dq_mode``).
+   buffers (a block's units only collide when it was cut into several chunks).
+3. dQ either scattered from the KV pass with fp32 atomics (order-nondeterministic) or computed by a
+   separate Q-outer pass over the forward's union tiles (no atomics; faster while neighbouring
+   tokens share blocks): ``dq_mode`` picks per call.
 4. Deterministic mode: one unit per (group, block) (so every dK/dV element gets a single add onto
    zero) and the Q-outer dQ pass.
 """

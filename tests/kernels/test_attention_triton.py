@@ -288,6 +288,16 @@ def test_gpu_parity_other_configs(hq, hkv, dim, block, topk, dtype):
 
 
 @pytest.mark.gpu
+def test_gpu_deterministic_is_bitwise_reproducible():
+    q, k, v, topk_idx, layout, _ = make_case([5000, 3192], 64, 8, 128, 128, 16, torch.bfloat16, seed=9,
+                                             force_block0=True)
+    runs = [run_both(q, k, v, topk_idx, layout, 128, torch.Generator(device=DEV).manual_seed(4),
+                     deterministic=True)[0] for _ in range(2)]
+    for a, b in zip([runs[0][0]] + runs[0][2], [runs[1][0]] + runs[1][2]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
 def test_gpu_int64_offsets():
     """q has more than 2^31 elements: row * stride must not wrap (checked on the last sequences)."""
     n_seq, seq = 130, 2048  # 266240 tokens x 64 heads x 128 > 2^31
