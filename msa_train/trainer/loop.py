@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from msa_train.trainer import checkpointing, rng
 from msa_train.trainer import ckpt_layout as layout
+from msa_train.trainer.ckpt_layout import CheckpointError
 from msa_train.trainer.init_from import load_weights
 from msa_train.trainer.progress import Progress, state_json
 from msa_train.trainer.schedule import RunPlan, StagePlan, build_plan
@@ -55,6 +56,7 @@ class Trainer:
         self.progress = Progress()
         self.init_report: Optional[Dict] = None
         self.wandb_run_ids: Dict[str, Optional[str]] = {}
+        self.job_steps = 0  # optimizer steps taken by this process (train.max_steps_per_job)
         self._build_data()
 
     # -- data ------------------------------------------------------------------------------------
@@ -109,7 +111,7 @@ class Trainer:
 
     def _run(self) -> int:
         resume_dir = self._resume_dir()
-        init_dir = None
+        init_dir = handoff_dir = None
         if resume_dir:
             saved = layout.read_state_json(resume_dir) or {}
             self.progress = Progress.from_dict(saved.get("progress", {}))
@@ -117,6 +119,12 @@ class Trainer:
             self.init_report = saved.get("init_from")
             _print0(f"resume: {resume_dir} (step {self.progress.iteration}, stage "
                     f"{self.progress.stage}, {self.progress.consumed_samples} samples)")
+            at_boundary = any(s.end_step == self.progress.iteration for s in self.plan.stages)
+            if at_boundary and 0 < self.progress.iteration < self.plan.job_end_step:
+                # The checkpoint ends a stage: start the next one exactly as a continuous run
+                # switches (its weights, a fresh optimizer and LR schedule, the stage's seed),
+                # never with the finished stage's optimizer state.
+                handoff_dir, resume_dir = resume_dir, None
         elif self.cfg.checkpoint.init_from:
             init_dir = layout.resolve(self.cfg.checkpoint.init_from, "checkpoint.init_from")
             saved = layout.read_state_json(init_dir)
@@ -141,8 +149,8 @@ class Trainer:
         for stage in self.plan.job_stages:
             if self.progress.iteration >= stage.end_step:
                 continue
-            objs = self._start_stage(stage, prev_weights, resume_dir, init_dir)
-            resume_dir = init_dir = None
+            objs = self._start_stage(stage, prev_weights, resume_dir, init_dir, handoff_dir)
+            resume_dir = init_dir = handoff_dir = None
             code = self._train_stage(stage, objs)
             if code is not None:
                 return code
@@ -159,10 +167,18 @@ class Trainer:
         return 0
 
     def _start_stage(self, stage: StagePlan, prev_weights: Optional[List[Dict[str, torch.Tensor]]],
-                     resume_dir: Optional[str], init_dir: Optional[str]) -> StageObjects:
+                     resume_dir: Optional[str], init_dir: Optional[str],
+                     handoff_dir: Optional[str]) -> StageObjects:
         rng.seed_everything(int(self.cfg.train.seed), stage.index)
         init_weights = None
-        if resume_dir is None and prev_weights is not None:
+        if handoff_dir is not None:
+            def init_weights(chunks: List[torch.nn.Module]) -> None:
+                report = load_weights(handoff_dir, chunks, index_param_predicate(chunks),
+                                      field_name="checkpoint.save")
+                if report.added or report.ignored:
+                    raise CheckpointError(f"{handoff_dir} does not match this model:\n"
+                                          f"{report.summary()}")
+        elif resume_dir is None and prev_weights is not None:
             def init_weights(chunks: List[torch.nn.Module]) -> None:
                 with torch.no_grad():
                     for chunk, state in zip(chunks, prev_weights):
@@ -208,7 +224,6 @@ class Trainer:
         progress_meter = RunProgress(self.plan.total_steps * self.plan.tokens_per_step,
                                      start_tokens=self.progress.consumed_samples * seq)
         max_steps = cfg.train.max_steps_per_job
-        job_steps = 0
         try:
             while self.progress.iteration < stage.end_step:
                 t0 = time.perf_counter()
@@ -224,7 +239,7 @@ class Trainer:
                     global_batch_size=int(cfg.train.global_batch_size),
                     device=self.runtime.device, cp_size=self.cp_size)
                 self.progress.advance(self.plan.samples_per_step)
-                job_steps += 1
+                self.job_steps += 1
                 step = self.progress.iteration
                 kl = _kl_metrics()
                 moe = _moe_metrics(objs.config)
@@ -255,7 +270,8 @@ class Trainer:
                 if cfg.train.eval_interval and step % int(cfg.train.eval_interval) == 0:
                     self._evaluate(objs, logger, step)
                 stage_done = step == stage.end_step
-                job_done = max_steps is not None and job_steps >= int(max_steps) and not stage_done
+                job_done = (max_steps is not None and self.job_steps >= int(max_steps)
+                            and step < self.plan.job_end_step)
                 stop = self.guard.should_stop_all(self.runtime.device)
                 interval = cfg.checkpoint.save_interval
                 if self.save_dir and (
@@ -266,7 +282,7 @@ class Trainer:
                 if stop:
                     return self._requeue()
                 if job_done:
-                    _print0(f"stopping after {job_steps} steps (train.max_steps_per_job); "
+                    _print0(f"stopping after {self.job_steps} steps (train.max_steps_per_job); "
                             "run again to resume")
                     return 0
         finally:

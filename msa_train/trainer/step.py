@@ -73,10 +73,9 @@ def train_step(chunks, optimizer, scheduler, config, data_iterator, *, num_micro
     set_kl_loss_scale(kl_loss_scale(num_microbatches, cp_size, config.calculate_per_token_loss,
                                     grad_scale))
     forward_backward = get_forward_backward_func()
-    iterators = data_iterator if len(chunks) == 1 else [data_iterator] * len(chunks)
     losses = forward_backward(
         forward_step_func=make_forward_step(device, cp_size),
-        data_iterator=iterators,
+        data_iterator=data_iterator,  # one iterator per virtual pipeline stage
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=num_microbatches,
         seq_length=seq_length,
@@ -105,10 +104,9 @@ def eval_step(chunks, data_iterator, *, num_microbatches: int, seq_length: int,
     for chunk in chunks:
         chunk.eval()
     try:
-        iterators = data_iterator if len(chunks) == 1 else [data_iterator] * len(chunks)
-        losses = get_forward_backward_func()(
+            losses = get_forward_backward_func()(
             forward_step_func=make_forward_step(device, cp_size),
-            data_iterator=iterators,
+            data_iterator=data_iterator,  # one iterator per virtual pipeline stage
             model=chunks if len(chunks) > 1 else chunks[0],
             num_microbatches=num_microbatches,
             seq_length=seq_length,

@@ -25,12 +25,16 @@ def _final(root, it=TOTAL):
 def test_stop_and_resume_equals_continuous(continuous, tmp_path):
     save = f"checkpoint.save={tmp_path}/ckpt"
     run_dir = str(tmp_path / "run")
-    # Stop mid-warmup (k=2), then mid-sparse (k=4: across the stage switch), then finish.
-    first = run_train([*SMALL, save, "train.max_steps_per_job=2"], run_dir)
-    assert "stopping after 2 steps" in first.stdout
+    # Stop exactly at the stage boundary (k=3), then mid-sparse (5), then finish. (Mid-warmup
+    # stops are covered by the wall-time test below.)
+    first = run_train([*SMALL, save, "train.max_steps_per_job=3"], run_dir)
+    assert "stopping after 3 steps" in first.stdout
     second = run_train([*SMALL, save, "train.max_steps_per_job=2"], run_dir)
-    assert "resume:" in second.stdout and "step 2" in second.stdout
-    run_train([*SMALL, save], run_dir)
+    assert "resume:" in second.stdout and "step 3" in second.stdout
+    assert "stage sparse: attention=sparse" in second.stdout
+    assert "stage warmup: attention" not in second.stdout
+    third = run_train([*SMALL, save], run_dir)
+    assert "resume:" in third.stdout and "step 5" in third.stdout
 
     expected = losses_by_step(str(continuous / "run"))
     got = losses_by_step(run_dir)
