@@ -3,7 +3,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import write_prefix
+from .conftest import write_prefix
 from msa_train.data import (ByteTokenizer, DataConfig, DataConfigError, TokenizerConfig,
                             build_datasets, validate_data_config)
 

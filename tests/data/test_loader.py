@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import write_prefix
+from .conftest import write_prefix
 from msa_train.data import (BatchCollator, ByteTokenizer, ResumableBatchSampler, build_data_loader,
                             build_datasets, collator_for, cycle, document_cu_seqlens)
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import read_docs
+from .conftest import read_docs
 from msa_train.data.prepare import PrepareDataError, prepare_indexed_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

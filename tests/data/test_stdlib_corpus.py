@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import read_docs
+from .conftest import read_docs
 from msa_train.data import StdlibCorpusConfig, ensure_stdlib_corpus
 from msa_train.data.stdlib_corpus import stdlib_source_files
 
