@@ -265,8 +265,9 @@ def bench_length(args, t: int, res: Results, device) -> None:
     try:
         scores = torch.randn((t * hkv, nb), generator=g, device=device, dtype=torch.float32)
         topk_ms = time_ms(lambda: torch.topk(scores, k, dim=-1), budget_ms=budget)
-        res.add(Row(t, "indexer", f"torch.topk [T*Hkv, T/{bs}] fp32 (top-k only)", topk_ms, None, "-",
-                    f"select_blocks incl. scores is {topk_ms / sel_ms:.2f}x faster"))
+        note = (f"select_blocks incl. scores is {topk_ms / sel_ms:.2f}x faster" if ok("select_blocks") == "ok"
+                else "select_blocks parity failed: no comparison reported")
+        res.add(Row(t, "indexer", f"torch.topk [T*Hkv, T/{bs}] fp32 (top-k only)", topk_ms, None, "-", note))
         del scores
     except torch.cuda.OutOfMemoryError:
         res.summary.append(f"{t // 1024}K torch.topk: OOM for the [T*Hkv, T/{bs}] score matrix")
