@@ -439,6 +439,7 @@ def part_analyze(workdir: str, fit_steps: int, num_batches: int = 2) -> Dict:
     init_parallel({})
     gen = torch.Generator().manual_seed(0)
     results: Dict = {"layers": {}, "fit": {}}
+    weights: Dict[str, Dict[int, torch.Tensor]] = {}
     try:
         for label, iter_dir in checkpoints(workdir).items():
             model, cfg = load_checkpoint_model(iter_dir)
@@ -448,6 +449,12 @@ def part_analyze(workdir: str, fit_steps: int, num_batches: int = 2) -> Dict:
             for layer in sorted(caps[0]):
                 reports = [layer_report(c[layer], cfg, gen) for c in caps]
                 per_layer[layer] = {k: sum(r[k] for r in reports) / len(reports) for k in reports[0]}
+            for layer, core in _index_weights(model).items():
+                per_layer[layer]["index_weight_norm"] = float(core.norm())
+                ref = weights.get(_reference_label(label), {}).get(layer)
+                if ref is not None:  # the optimizer moved the index branch (not frozen / dropped)
+                    per_layer[layer]["index_weight_rel_change"] = float((core - ref).norm() / ref.norm())
+            weights[label] = _index_weights(model)
             results["layers"][label] = per_layer
             print(f"[analyze] {label}: " + "  ".join(
                 f"L{l} kl {r['kl_sparse']:.4f}/unif {r['kl_sparse_uniform']:.4f} "
@@ -466,6 +473,22 @@ def part_analyze(workdir: str, fit_steps: int, num_batches: int = 2) -> Dict:
     finally:
         destroy_parallel()
     return results
+
+
+def _index_weights(model) -> Dict[int, torch.Tensor]:
+    from msa_train.model import MSACoreAttention
+
+    return {m.layer_number: torch.cat([m.indexer.linear_qi.weight.detach().flatten(),
+                                       m.indexer.weight_ki.detach().flatten()])
+            for m in model.modules() if isinstance(m, MSACoreAttention) and m.is_msa}
+
+
+def _reference_label(label: str) -> str:
+    """The checkpoint a run's index weights are compared with: the previous stage boundary."""
+    name, step = label.split("@")
+    if name.endswith("idx_only"):
+        return "base@60"
+    return f"{name}@20" if int(step) > 20 else ""
 
 
 def plot(results: Dict, path: str) -> None:
