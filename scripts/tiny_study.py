@@ -28,14 +28,13 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
 
 import torch
 
 # ----------------------------------------------------------------------------------------- unit
 
 
-def unit_curves(steps: int = 300, seed: int = 0) -> Dict[str, List[float]]:
+def unit_curves(steps: int = 300, seed: int = 0) -> dict[str, list[float]]:
     """KL curves of W_qi / W_ki trained alone with Adam against a fixed teacher, via msa_kernels.
 
     Teacher group r: logits alpha * <x Wq_r, x Wk_r> / sqrt(D), identical for the G heads of the
@@ -69,7 +68,7 @@ def unit_curves(steps: int = 300, seed: int = 0) -> Dict[str, List[float]]:
                     sel = msa_kernels.select_blocks(q_idx, k_idx, cu, block, topk)
                     _, lse = msa_kernels.sparse_attention(q, k, v, sel, cu, block)
                 kl = msa_kernels.indexer_kl(q, k, lse, q_idx, k_idx, sel, cu, block)
-            curve.append(float(kl))
+            curve.append(float(kl.detach()))
             opt.zero_grad()
             kl.backward()
             opt.step()
@@ -80,7 +79,7 @@ def unit_curves(steps: int = 300, seed: int = 0) -> Dict[str, List[float]]:
 # ---------------------------------------------------------------------------------------- train
 
 
-def run_trainer(workdir: str, name: str, overrides: List[str], log_every: int = 20) -> str:
+def run_trainer(workdir: str, name: str, overrides: list[str], log_every: int = 20) -> str:
     """One `msa-train` run in WORKDIR/NAME (its own cwd); returns its metrics.jsonl path."""
     run_dir = os.path.join(workdir, name)
     metrics = os.path.join(run_dir, "runs", name, "metrics.jsonl")
@@ -108,7 +107,7 @@ def run_trainer(workdir: str, name: str, overrides: List[str], log_every: int = 
     return metrics
 
 
-def read_metrics(path: str) -> List[Dict]:
+def read_metrics(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -116,7 +115,7 @@ def read_metrics(path: str) -> List[Dict]:
 # -------------------------------------------------------------------------------------- analyze
 
 
-def load_checkpoint_model(iter_dir: str, index_rope: Optional[bool] = None):
+def load_checkpoint_model(iter_dir: str, index_rope: bool | None = None):
     """(model, run config) rebuilt from the checkpoint's run_config.yaml, weights loaded, eval mode.
     Needs init_parallel() first."""
     from omegaconf import OmegaConf
@@ -145,7 +144,7 @@ def load_checkpoint_model(iter_dir: str, index_rope: Optional[bool] = None):
     return model, cfg
 
 
-def validation_batches(cfg, num_batches: int, batch_size: int) -> List[torch.Tensor]:
+def validation_batches(cfg, num_batches: int, batch_size: int) -> list[torch.Tensor]:
     """Held-out token batches [b, s] from the run's validation split (never trained on)."""
     from msa_train.data import build_datasets, build_tokenizer
 
@@ -159,21 +158,21 @@ def validation_batches(cfg, num_batches: int, batch_size: int) -> List[torch.Ten
     return [torch.stack(samples[i * batch_size:(i + 1) * batch_size]) for i in range(num_batches)]
 
 
-def capture_layers(model, tokens: torch.Tensor) -> Dict[int, Dict]:
+def capture_layers(model, tokens: torch.Tensor) -> dict[int, dict]:
     """Forward one batch; per MSA layer (1-based number): the main-branch q, k (packed, after
     RoPE), the index-branch input x [s, b, h] and the index weights, exactly as the layer saw them."""
     from msa_train.model import MSACoreAttention
 
-    captured: Dict[int, Dict] = {}
+    captured: dict[int, dict] = {}
     originals = []
     for module in model.modules():
         if isinstance(module, MSACoreAttention) and module.is_msa:
             original = module._msa_forward
 
             def wrapped(q, k, v, x, layout, _m=module, _orig=original):
-                captured[_m.layer_number] = dict(
-                    q=q.detach().clone(), k=k.detach().clone(), x=x.detach().clone(), layout=layout,
-                    scale=_m.softmax_scale, indexer=_m.indexer, core=_m)
+                captured[_m.layer_number] = {
+                    "q": q.detach().clone(), "k": k.detach().clone(), "x": x.detach().clone(), "layout": layout,
+                    "scale": _m.softmax_scale, "indexer": _m.indexer, "core": _m}
                 return _orig(q, k, v, x, layout)
 
             module._msa_forward = wrapped
@@ -211,7 +210,7 @@ def _kl(p, log_q, mask):
     return torch.where(mask, terms, torch.zeros((), dtype=terms.dtype)).sum(-1)
 
 
-def kl_decomposition(p, s_idx, causal, block: int) -> Dict[str, float]:
+def kl_decomposition(p, s_idx, causal, block: int) -> dict[str, float]:
     """Dense-support KL(P||Q) = block-level KL(P_B||Q_B) + E_{b~P_B} KL(P(.|b)||Q(.|b)); plus the
     KL of a uniform student on the same support (the no-information baseline)."""
     seq = p.shape[-1]
@@ -243,7 +242,7 @@ def locality(p: torch.Tensor, window: int = 4) -> float:
     return float((p * near).sum(-1).mean())
 
 
-def recall_table(q, k, topk_idx, layout, block: int, topk: int, scale: float, gen) -> Dict[str, float]:
+def recall_table(q, k, topk_idx, layout, block: int, topk: int, scale: float, gen) -> dict[str, float]:
     """block / score recall of the indexer's selection, of a random selection (local block +
     random others) and of the main branch's own top-k (score recall's ceiling)."""
     from msa_train.model import compute_recall
@@ -311,7 +310,7 @@ def index_tensors(x, w_qi, w_ki, hkv: int, rope_dim: int, positions, rope_base: 
     return q_idx, k_idx
 
 
-def layer_report(cap: Dict, cfg, gen, rope_dim: int = 0) -> Dict[str, float]:
+def layer_report(cap: dict, cfg, gen, rope_dim: int = 0) -> dict[str, float]:
     import msa_kernels
 
     block, topk = int(cfg.attention.block_size), int(cfg.attention.topk)
@@ -342,8 +341,8 @@ def layer_report(cap: Dict, cfg, gen, rope_dim: int = 0) -> Dict[str, float]:
     return out
 
 
-def fit_indexer(train_caps: List[Dict], test_caps: List[Dict], cfg, rope: bool, steps: int,
-                index_dim: Optional[int] = None, lr: float = 1e-2) -> Dict[str, float]:
+def fit_indexer(train_caps: list[dict], test_caps: list[dict], cfg, rope: bool, steps: int,
+                index_dim: int | None = None, lr: float = 1e-2) -> dict[str, float]:
     """Best dense KL an index branch reaches on a FROZEN backbone: W_qi / W_ki fitted offline with
     Adam on the captured inputs / teachers of train_caps, evaluated on test_caps (held out)."""
     ix = train_caps[0]["indexer"]
@@ -410,9 +409,9 @@ RUNS = {
 }
 
 
-def part_train(workdir: str, idx_steps: int) -> Dict[str, List[Dict]]:
+def part_train(workdir: str, idx_steps: int) -> dict[str, list[dict]]:
     base_ckpt = os.path.join(workdir, "base", "ckpt")
-    fmt = dict(base=base_ckpt, idx_tokens=idx_steps * 8 * 512)
+    fmt = {"base": base_ckpt, "idx_tokens": idx_steps * 8 * 512}
     out = {}
     for name, (overrides, _) in RUNS.items():
         path = run_trainer(workdir, name, [o.format(**fmt) for o in overrides])
@@ -420,7 +419,7 @@ def part_train(workdir: str, idx_steps: int) -> Dict[str, List[Dict]]:
     return out
 
 
-def checkpoints(workdir: str) -> Dict[str, str]:
+def checkpoints(workdir: str) -> dict[str, str]:
     """label -> iter dir of every checkpoint the analysis reads."""
     found = {}
     for name in RUNS:
@@ -433,13 +432,13 @@ def checkpoints(workdir: str) -> Dict[str, str]:
     return found
 
 
-def part_analyze(workdir: str, fit_steps: int, num_batches: int = 2) -> Dict:
+def part_analyze(workdir: str, fit_steps: int, num_batches: int = 2) -> dict:
     from msa_train.compat import destroy_parallel, init_parallel
 
     init_parallel({})
     gen = torch.Generator().manual_seed(0)
-    results: Dict = {"layers": {}, "fit": {}}
-    weights: Dict[str, Dict[int, torch.Tensor]] = {}
+    results: dict = {"layers": {}, "fit": {}}
+    weights: dict[str, dict[int, torch.Tensor]] = {}
     try:
         for label, iter_dir in checkpoints(workdir).items():
             model, cfg = load_checkpoint_model(iter_dir)
@@ -475,7 +474,7 @@ def part_analyze(workdir: str, fit_steps: int, num_batches: int = 2) -> Dict:
     return results
 
 
-def _index_weights(model) -> Dict[int, torch.Tensor]:
+def _index_weights(model) -> dict[int, torch.Tensor]:
     from msa_train.model import MSACoreAttention
 
     return {m.layer_number: torch.cat([m.indexer.linear_qi.weight.detach().flatten(),
@@ -491,7 +490,7 @@ def _reference_label(label: str) -> str:
     return f"{name}@20" if int(step) > 20 else ""
 
 
-def plot(results: Dict, path: str) -> None:
+def plot(results: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -539,7 +538,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     out_json = os.path.join(args.workdir, "results.json")
-    results = json.load(open(out_json)) if os.path.isfile(out_json) else {}
+    results = {}
+    if os.path.isfile(out_json):  # parts run separately (--only) accumulate into one file
+        with open(out_json) as f:
+            results = json.load(f)
     torch.manual_seed(0)
     if args.only in (None, "unit"):
         results["unit"] = unit_curves()

@@ -6,13 +6,13 @@ in float64, so autograd through it is the exact gradient the kernels must reprod
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
 
-def support_mask(seqlens: Sequence[int], hkv: int, topk_idx: Optional[torch.Tensor] = None,
-                 block_size: Optional[int] = None) -> torch.Tensor:
+def support_mask(seqlens: Sequence[int], hkv: int, topk_idx: torch.Tensor | None = None,
+                 block_size: int | None = None) -> torch.Tensor:
     """bool [Hkv, T, T]: key j is in the support of (query i, group r).
 
     Causal within each packed sequence; with topk_idx (int [Hkv, T, k], -1 = unused) also only

@@ -28,8 +28,12 @@ BLOCK, TOPK = 8, 3
 def make_layer(mode: str, index_dim: int = DI, index_rope: bool = False):
     from megatron.core.transformer.enums import AttnMaskType
 
-    from msa_train.model import (AttentionConfig, ModelConfig, MSACoreAttention,
-                                 build_transformer_config)
+    from msa_train.model import (
+        AttentionConfig,
+        ModelConfig,
+        MSACoreAttention,
+        build_transformer_config,
+    )
 
     model_cfg = ModelConfig(name="unit", num_layers=2, hidden_size=HIDDEN, ffn_hidden_size=64,
                             num_attention_heads=HQ, num_query_groups=HKV, kv_channels=D,
@@ -151,6 +155,7 @@ def _oracle_kl(layer, data, w_qi, w_ki, topk_idx) -> torch.Tensor:
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 def test_kl_gradient_matches_finite_differences(megatron_1rank, mode, monkeypatch):
     import msa_kernels
+
     from msa_train.model import set_kl_loss_scale
 
     torch.manual_seed(1)

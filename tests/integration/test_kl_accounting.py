@@ -20,7 +20,12 @@ BLOCK, TOPK, DI = 8, 2, 8
 
 
 def build(kl_coeff: float):
-    from msa_train.model import AttentionConfig, ModelConfig, build_model, build_transformer_config
+    from msa_train.model import (
+        AttentionConfig,
+        ModelConfig,
+        build_model,
+        build_transformer_config,
+    )
     from msa_train.model.parity import fill_parameters
 
     model_cfg = ModelConfig(
@@ -51,8 +56,8 @@ def forward_capturing(model, tokens):
         original = core._msa_forward
 
         def wrapped(q, k, v, x, layout, _core=core, _orig=original):
-            captured[_core.layer_number] = dict(q=q.detach().clone(), k=k.detach().clone(),
-                                                x=x.detach().clone(), core=_core)
+            captured[_core.layer_number] = {"q": q.detach().clone(), "k": k.detach().clone(),
+                                                "x": x.detach().clone(), "core": _core}
             return _orig(q, k, v, x, layout)
 
         core._msa_forward = wrapped
