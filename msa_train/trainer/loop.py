@@ -249,7 +249,10 @@ class Trainer:
                     moe.update(get_recall_metrics(reset=True))  # collective: every rank calls
                 seconds = time.perf_counter() - t0
                 self.guard.note_step_time(seconds)
-                if logger.should_log(step) or step == stage.end_step:
+                valid_loss = None
+                if cfg.train.eval_interval and step % int(cfg.train.eval_interval) == 0:
+                    valid_loss = self._evaluate(objs)
+                if logger.should_log(step) or step == stage.end_step or valid_loss is not None:
                     metrics = {keys.LM_LOSS: result.lm_loss, keys.GRAD_NORM: result.grad_norm,
                                keys.LR: result.lr, keys.STEP_TIME_S: seconds}
                     if kl:
@@ -266,9 +269,9 @@ class Trainer:
                         metrics.update(meter.rates(tokens=self.plan.tokens_per_step, seconds=seconds))
                     if result.skipped:
                         metrics["train/skipped_update"] = 1.0
+                    # One record per step: the metrics file keeps the last record of a step.
+                    metrics["valid/lm_loss"] = valid_loss
                     logger.log(step, metrics)
-                if cfg.train.eval_interval and step % int(cfg.train.eval_interval) == 0:
-                    self._evaluate(objs, logger, step)
                 stage_done = step == stage.end_step
                 job_done = (max_steps is not None and self.job_steps >= int(max_steps)
                             and step < self.plan.job_end_step)
@@ -303,9 +306,10 @@ class Trainer:
         peak = resolve_peak_tflops(self.cfg.logging.peak_tflops) if self.runtime.is_cuda else None
         return ThroughputMeter(num_gpus=self.runtime.world_size, flops=flops, peak_tflops=peak)
 
-    def _evaluate(self, objs: StageObjects, logger, step: int) -> None:
+    def _evaluate(self, objs: StageObjects) -> Optional[float]:
+        """Mean LM loss over train.eval_iters global batches of the validation split."""
         if self.valid_ds is None:
-            return
+            return None
         iters = int(self.cfg.train.eval_iters)
         # Validation always reads the same first batches, so its curve compares across steps.
         it = self._iterators(self.valid_ds, 0, len(objs.chunks))
@@ -314,8 +318,9 @@ class Trainer:
                             micro_batch_size=int(self.cfg.train.micro_batch_size),
                             device=self.runtime.device, cp_size=self.cp_size) for _ in range(iters)]
         _kl_metrics()  # drop the KL the validation forward passes recorded
-        if losses and losses[0] is not None:
-            logger.log(step, {"valid/lm_loss": sum(losses) / len(losses)})
+        if not losses or losses[0] is None:
+            return None  # not the last pipeline stage: only it holds the loss
+        return sum(losses) / len(losses)
 
     # -- checkpoints and exit --------------------------------------------------------------------
     def _save(self, objs: StageObjects) -> None:

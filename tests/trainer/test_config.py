@@ -129,3 +129,10 @@ def test_cli_rejects_bad_config_before_any_compute(tmp_path):
                        str(tmp_path / "run"), expect_rc=2, timeout=120)
     assert "train.seq_length=500" in result.stdout and "attention.block_size" in result.stdout
     assert "stage warmup" not in result.stdout and not os.path.exists(tmp_path / "ckpt")
+
+
+def test_dry_run_flag_prints_the_plan_and_trains_nothing(tmp_path):
+    result = run_train(["dry_run=true", f"checkpoint.save={tmp_path}/ckpt"], str(tmp_path / "run"),
+                       timeout=120)
+    assert "warmup" in result.stdout and "sparse" in result.stdout and "parameters" in result.stdout
+    assert not os.path.exists(tmp_path / "ckpt") and not os.path.exists(tmp_path / "run")

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from tests.trainer.helpers import (SMALL, assert_same_tensors, load_checkpoint_tensors,
-                                   losses_by_step, run_train)
+                                   losses_by_step, read_metrics, run_train)
 
 pytestmark = pytest.mark.slow
 TOTAL = 6  # 3 warmup + 3 sparse steps (SMALL)
@@ -62,17 +62,21 @@ def test_stage_two_as_separate_job_equals_continuous(continuous, tmp_path):
 def test_walltime_stop_saves_requests_requeue_and_resumes_exactly(continuous, tmp_path):
     from msa_train.lifecycle import REQUEUE_EXIT_CODE, read_requeue_request
 
+    # Validation passes on top (every 2 steps) must not perturb training.
     save = f"checkpoint.save={tmp_path}/ckpt"
+    evals = "train.eval_interval=2"
     run_dir = str(tmp_path / "run")
     # A wall time that is over after the first step: save, ask for a requeue, exit with its code.
-    stopped = run_train([*SMALL, save, "cluster.walltime_s=0.01", "cluster.exit_grace_s=0"],
+    stopped = run_train([*SMALL, save, evals, "cluster.walltime_s=0.01", "cluster.exit_grace_s=0"],
                         run_dir, expect_rc=REQUEUE_EXIT_CODE)
     assert "asks the launcher to requeue" in stopped.stdout
     assert read_requeue_request(str(tmp_path / "ckpt")) is not None
     with open(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt") as fh:
         assert int(fh.read()) == 1
-    run_train([*SMALL, save], run_dir)
+    run_train([*SMALL, save, evals], run_dir)
     assert losses_by_step(run_dir) == losses_by_step(str(continuous / "run"))
+    valid = {r["step"]: r["valid/lm_loss"] for r in read_metrics(run_dir) if "valid/lm_loss" in r}
+    assert sorted(valid) == [2, 4, 6] and valid[6] < valid[2]
 
 
 def test_two_ranks_with_distributed_optimizer_resume_exactly(tmp_path):
