@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 
 
@@ -11,18 +13,24 @@ def megatron_1rank():
     destroy_parallel()
 
 
+def _reset_msa_state() -> None:
+    # Only modules already imported can hold state; importing them here would pull in
+    # Megatron-Core, which the GPU-only tests do not need.
+    tracker = sys.modules.get("msa_train.model.kl_tracker")
+    if tracker is not None:
+        tracker.clear()
+    recall = sys.modules.get("msa_train.model.recall")
+    if recall is not None:
+        recall._SUMS.clear()
+        recall._STATE["requested"] = False
+    scaler = sys.modules.get("msa_train.model.kl_scaler")
+    if scaler is not None:
+        scaler.KLAutoScaler.loss_scale = None
+
+
 @pytest.fixture(autouse=True)
 def _clean_msa_state():
     """KL tracker, recall request and KL loss scale are process-global: start and leave clean."""
-    from msa_train.model import kl_tracker, recall
-    from msa_train.model.kl_scaler import KLAutoScaler
-
-    def reset():
-        kl_tracker.clear()
-        recall._SUMS.clear()
-        recall._STATE["requested"] = False
-        KLAutoScaler.loss_scale = None
-
-    reset()
+    _reset_msa_state()
     yield
-    reset()
+    _reset_msa_state()
