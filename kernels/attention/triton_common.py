@@ -19,13 +19,13 @@ position.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .._triton_compat import ensure_interpreter_compat, interpreting  # noqa: F401 (re-exported)
 from ..layout import VarlenLayout
 
 __all__ = ["QTileSchedule", "KVUnitSchedule", "query_key_rows", "block_key_rows",
@@ -265,33 +265,6 @@ def bwd_config(head_dim: int, group: int, block_size: int, interpret: bool = Fal
                          num_stages=1, chunk=64, dq_block_n=min(block_size, 32), dq_num_stages=1)
     return BwdConfig(block_m=max(64, next_pow2(group)), block_n=min(block_size, 128), num_warps=8,
                      num_stages=2, chunk=512, dq_block_n=min(block_size, 64))
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def ensure_interpreter_compat() -> None:
-    """Let TRITON_INTERPRET=1 run loops whose bounds are loaded scalars under NumPy >= 2.4.
-
-    The Triton 3.6 interpreter keeps scalars as 1-element arrays and converts them with int(array),
-    which NumPy 2.4 rejects. Same patch (and flag) as msa_kernels.select.triton, so applying both is
-    harmless; the compiled GPU path is unaffected.
-    """
-    if not interpreting():
-        return
-    from triton.runtime import interpreter
-
-    if getattr(interpreter, "_msa_index_patched", False):
-        return
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-    interpreter._msa_index_patched = True
 
 
 @triton.jit

@@ -15,36 +15,14 @@ order; then the local block; then -1.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .._triton_compat import ensure_interpreter_compat
+
 __all__ = ["select_blocks_triton", "query_tile_table", "ensure_interpreter_compat"]
-
-
-def ensure_interpreter_compat() -> None:
-    """Let TRITON_INTERPRET=1 run loops with tensor bounds under NumPy >= 2.4.
-
-    The Triton 3.6 interpreter stores every scalar as a 1-element array and implements __index__ as
-    int(array), which NumPy 2.4 rejects for ndim > 0. Without this, `for b in range(0, hi)` with a
-    loaded bound fails on the CPU interpreter (the compiled GPU path is unaffected).
-    """
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return
-    from triton.runtime import interpreter
-
-    if getattr(interpreter, "_msa_index_patched", False):
-        return
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-    interpreter._msa_index_patched = True
 
 
 ensure_interpreter_compat()
