@@ -891,8 +891,8 @@ def enable_reshardable_optimizer_checkpoints() -> bool:
     """Workaround until the trainer saves a layout-independent optimizer format.
 
     msa_train.trainer.checkpointing saves the distributed optimizer as `dp_reshardable`: flat
-    per-(TP, PP) buffers that only reload at the same TP/PP/EP, so a checkpoint cannot resume at
-    another layout. Switch it to `fully_reshardable` (per-parameter tensors in model space), and
+    per-(TP, PP) buffers that only reload at the same TP/PP, so a checkpoint cannot resume at
+    another layout. (A change of EP still fails: see docs/PARALLEL_VALIDATION.md.) Switch it to `fully_reshardable` (per-parameter tensors in model space), and
     keep Megatron 0.16.1's loader from failing on plain torch Adam's `step` entry, which that
     format does not store (the trainer restores `step` from the param groups afterwards).
     Returns True if anything was patched.
