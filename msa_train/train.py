@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
-import hydra
-from omegaconf import DictConfig
+# Megatron-Core announces at import that it falls back to plain PyTorch without TransformerEngine /
+# Apex; that is this project's supported setup (CPU and GPU), not something to act on.
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
 
-from msa_train.config import register_configs
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from msa_train.config import register_configs  # noqa: E402
 
 CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
