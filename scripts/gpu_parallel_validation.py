@@ -433,7 +433,7 @@ class Launched:
         self.spec, self.timeout = spec, timeout
         self.log_path = plan.work / "logs" / f"{spec.name}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (the child writes it until wait())
         self._log.write("$ " + " ".join(worker_command(spec)) + "\n")
         self._log.flush()
         self.t0 = time.time()
@@ -760,23 +760,23 @@ def report_markdown(report: dict) -> str:
     lines = [
         f"# Parallel validation: {report['device']} x {report['num_gpus']}",
         "",
-        f"model={p['model']} attention={p['attention']} seq={p['seq_length']} "
-        f"global_batch={p['global_batch_size']} micro_batch={p['micro_batch_size']} "
-        f"steps={p['steps']} (warmup {p['warmup_steps']} + sparse {p['steps'] - p['warmup_steps']}) "
-        f"precision={p['precision']} resume_step={p['resume_step']}",
+        (f"model={p['model']} attention={p['attention']} seq={p['seq_length']} "
+         f"global_batch={p['global_batch_size']} micro_batch={p['micro_batch_size']} "
+         f"steps={p['steps']} (warmup {p['warmup_steps']} + sparse {p['steps'] - p['warmup_steps']}) "
+         f"precision={p['precision']} resume_step={p['resume_step']}"),
         "",
-        f"Band at step s: max({t['factor']:g} x running max |ref - ref_det| up to s, "
-        f"{t['rel_floor']:.3g} x |ref loss|). Pass = every step logged and finite, >= "
-        f"{t['within_fraction']:.0%} of steps inside the band, mean |diff| <= tol = max({t['factor']:g} x "
-        f"mean |ref - ref_det|, {t['rel_floor']:.3g} x mean |ref loss|) over the compared steps, and "
-        f"|mean diff| of the last {t['final_window']} steps <= tol. Reference gap: mean "
-        f"{_fmt(report['noise'].get('mean_abs_ref_gap'), '.4g')}, max "
-        f"{_fmt(report['noise']['max_abs_ref_gap'], '.4g')}, step 1 "
-        f"{_fmt(report['noise']['first_step_ref_gap'], '.4g')}.",
+        (f"Band at step s: max({t['factor']:g} x running max |ref - ref_det| up to s, "
+         f"{t['rel_floor']:.3g} x |ref loss|). Pass = every step logged and finite, >= "
+         f"{t['within_fraction']:.0%} of steps inside the band, mean |diff| <= tol = "
+         f"max({t['factor']:g} x mean |ref - ref_det|, {t['rel_floor']:.3g} x mean |ref loss|) over "
+         f"the compared steps, and |mean diff| of the last {t['final_window']} steps <= tol. "
+         f"Reference gap: mean {_fmt(report['noise'].get('mean_abs_ref_gap'), '.4g')}, max "
+         f"{_fmt(report['noise']['max_abs_ref_gap'], '.4g')}, step 1 "
+         f"{_fmt(report['noise']['first_step_ref_gap'], '.4g')}."),
         "",
-        "| run | layout | GPUs (dp) | result | step-1 diff | max abs diff | max diff/band | in band | "
-        "mean abs diff / tol | last-window mean diff | dense tok/s/GPU | sparse tok/s/GPU | "
-        "sparse TFLOP/s/GPU | wall s |",
+        ("| run | layout | GPUs (dp) | result | step-1 diff | max abs diff | max diff/band | in band | "
+         "mean abs diff / tol | last-window mean diff | dense tok/s/GPU | sparse tok/s/GPU | "
+         "sparse TFLOP/s/GPU | wall s |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in report["runs"].items():
@@ -925,10 +925,10 @@ def worker_main(argv: Sequence[str]) -> None:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
     ensure_msa_kernels()
-    if args.reshardable_optimizer and enable_reshardable_optimizer_checkpoints():
-        if os.environ.get("RANK", "0") == "0":
-            print("gpu_parallel_validation: optimizer checkpoints saved as fully_reshardable "
-                  "(workaround, see enable_reshardable_optimizer_checkpoints)", flush=True)
+    patched = args.reshardable_optimizer and enable_reshardable_optimizer_checkpoints()
+    if patched and os.environ.get("RANK", "0") == "0":
+        print("gpu_parallel_validation: optimizer checkpoints saved as fully_reshardable "
+              "(workaround, see enable_reshardable_optimizer_checkpoints)", flush=True)
     from msa_train.train import main as msa_train_main
 
     sys.argv = [sys.argv[0]] + list(args.overrides)
