@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from tests.trainer.helpers import REPO, SMALL, read_metrics, run_train
+from tests.trainer.helpers import (REPO, SMALL, load_checkpoint_tensors, read_metrics,
+                                   run_train)
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +40,18 @@ def test_dense_checkpoint_converts_to_msa_with_equal_dense_logits(tmp_path):
                      f"checkpoint.save={tmp_path}/cpt"], run_dir).stdout
     assert "added (freshly initialized, not in the checkpoint): 6" in out
     assert "trainable=indexer_only" in out
+    # indexer_only warmup: the backbone is bit-for-bit the dense checkpoint's, the index branch
+    # moved, and the optimizer holds state for the index parameters only.
+    dense_w = load_checkpoint_tensors(os.path.join(dense_save, "iter_0000003"), tmp_path)
+    warm = load_checkpoint_tensors(os.path.join(str(tmp_path), "cpt", "iter_0000003"), tmp_path)
+    backbone = [k for k in dense_w if not k.startswith("optimizer.")]
+    assert backbone and all(torch.equal(dense_w[k], warm[k]) for k in backbone)
+    index_keys = [k for k in warm if ".indexer." in k]
+    assert len(index_keys) == 6
+    index_numel = sum(warm[k].numel() for k in index_keys)
+    moments = [v for k, v in warm.items() if k.startswith("optimizer.") and k.endswith("exp_avg")]
+    assert moments and sum(v.numel() for v in moments) == index_numel
+
     with open(os.path.join(str(tmp_path), "cpt", "latest_checkpointed_iteration.txt")) as fh:
         last = int(fh.read())
     with open(os.path.join(str(tmp_path), "cpt", f"iter_{last:07d}", "msa_train_state.json")) as fh:
