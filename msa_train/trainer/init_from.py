@@ -27,8 +27,8 @@ _NON_MODEL_PREFIXES = ("optimizer.", "rng_state", "opt_param_scheduler", "progre
 @dataclass
 class InitReport:
     directory: str
-    loaded: List[str] = field(default_factory=list)  # parameter names loaded from the checkpoint
-    added: List[str] = field(default_factory=list)  # index-branch params the checkpoint lacked
+    loaded: List[str] = field(default_factory=list)  # checkpoint keys of the loaded weights
+    added: List[str] = field(default_factory=list)  # keys of index-branch weights it lacked
     ignored: List[str] = field(default_factory=list)  # checkpoint index-branch keys the model lacks
 
     def summary(self) -> str:
@@ -68,11 +68,13 @@ def load_weights(directory: str, chunks, is_index_param: Callable[[str], bool],
         module = unwrap(chunk)
         sharded = module.sharded_state_dict()
         absent, wrong_shape = [], []
+        keys_by_name: Dict[str, str] = {}
         for name, value in list(sharded.items()):
             key = getattr(value, "key", None)
             if key is None:
                 continue
             model_keys.add(key)
+            keys_by_name[name] = key
             if isinstance(value, ShardedObject):
                 if name.endswith("_extra_state"):
                     # Extra state (TE/fp8 metadata) is not a weight; a dense checkpoint written
@@ -109,16 +111,20 @@ def load_weights(directory: str, chunks, is_index_param: Callable[[str], bool],
             raise CheckpointError(
                 f"{field_name}={directory}: state dict mismatch after loading "
                 f"(missing {unexpected_missing}, unexpected {list(result.unexpected_keys)})")
-        prefix = "" if len(chunks) == 1 else f"{model_state_key(i, len(chunks))}."
-        report.added.extend(prefix + name for name in absent)
-        report.loaded.extend(prefix + name for name in sharded)
+        # Reported by checkpoint key: global layer numbers, unambiguous across pipeline stages.
+        report.added.extend(keys_by_name[name] for name in absent)
+        report.loaded.extend(keys_by_name[name] for name, value in sharded.items()
+                             if name in keys_by_name and not isinstance(value, ShardedObject))
     extra = sorted(key for key in shapes if key not in model_keys)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        # Under PP each rank sees only its own layers' keys: a key is foreign only if no rank has it.
-        gathered: List[set] = [set() for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather_object(gathered, model_keys)
-        everywhere = set().union(*gathered)
+        # Under PP each rank sees only its own layers: a checkpoint key is foreign only if no rank
+        # has it, and the report lists what every rank loaded and added (rank 0 prints it).
+        gathered: List[tuple] = [() for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather_object(gathered, (model_keys, report.loaded, report.added))
+        everywhere = set().union(*(g[0] for g in gathered))
         extra = sorted(key for key in shapes if key not in everywhere)
+        report.loaded = sorted(set().union(*(g[1] for g in gathered)))
+        report.added = sorted(set().union(*(g[2] for g in gathered)))
     foreign = [key for key in extra if not is_index_param(key)]
     if foreign:
         raise CheckpointError(
