@@ -7,7 +7,7 @@ TransformerConfig (msa_train.model.transformer_config).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 MSA_MODES = ("dense", "sparse")

@@ -1,7 +1,4 @@
-import os
-
 import pytest
-import torch
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-from functools import partial
 
 import torch
 
