@@ -18,6 +18,22 @@ def causal_attention(
 ) -> torch.Tensor:
     """q [T, Hq, D], k/v [Tk, Hkv, D] -> out [T, Hq, D]."""
     hq, hkv = q.shape[1], k.shape[1]
+    frags = layout.fragments
+    if (
+        frags
+        and layout.key_starts is None
+        and len({(ql, kl) for _, ql, _, kl in frags}) == 1
+        and frags[0][1] > 0
+        and q.shape[0] == len(frags) * frags[0][1]
+    ):
+        # b equal-length sequences (the usual batch): one batched call.
+        n, s = len(frags), frags[0][1]
+        qb = q.reshape(n, s, hq, -1).transpose(1, 2)  # [b, Hq, s, D]
+        kb = k.reshape(n, s, hkv, -1).transpose(1, 2)  # [b, Hkv, s, D]
+        vb = v.reshape(n, s, hkv, -1).transpose(1, 2)
+        ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale,
+                                            enable_gqa=hq != hkv)
+        return ob.transpose(1, 2).reshape(q.shape)
     outs = []
     for q_start, q_len, k_start, k_len in layout.fragments:
         if q_len == 0:
