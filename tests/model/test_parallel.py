@@ -1,5 +1,5 @@
 """Loss, indexer KL, gradients and one Adam step of a tiny MSA-MoE model under TP2+SP, CP2, EP2,
-PP2, DP2 with the distributed optimizer and TP2 x EP2 equal the single-process run (fp32, 1e-5).
+PP2, DP2 with the distributed optimizer, TP2 x EP2 and TP2 x CP2 equal the single-process run (fp32, 1e-5).
 
 Each layout runs tests/model/dist_parity.py under torchrun --standalone with gloo, in its own
 process group (killed on timeout)."""
@@ -55,6 +55,7 @@ LAYOUTS = {
     "pp2": (2, ["--pp", "2"]),
     "dp2_distopt": (2, ["--dist-opt"]),
     "tp2_ep2": (4, ["--tp", "2", "--sp", "--ep", "2"]),
+    "tp2_cp2": (4, ["--tp", "2", "--sp", "--cp", "2"]),  # the 109B recipe's layout
 }
 
 
