@@ -341,7 +341,7 @@ def dry_run(cfg, world_size: Optional[int] = None, stream: TextIO = sys.stdout,
     if validate:
         from msa_train.config.validate import validate_config
 
-        validate_config(cfg, world)
+        validate_config(cfg, world, check_paths=False)  # planning host need not see the storage
     model_cfg = OmegaConf.to_object(cfg.model)
     attn_cfg = OmegaConf.to_object(cfg.attention)
     cluster = cfg.get("cluster") or {}

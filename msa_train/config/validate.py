@@ -24,20 +24,24 @@ def _fail(errors: List[str]) -> None:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 
 
-def validate_config(cfg: DictConfig, world_size: int) -> None:
-    """Raise ConfigError listing every problem found (not just the first)."""
+def validate_config(cfg: DictConfig, world_size: int, check_paths: bool = True) -> None:
+    """Raise ConfigError listing every problem found (not just the first).
+
+    check_paths=False skips existence checks of data and checkpoint paths (dry runs plan a cluster
+    job from a machine that does not see its storage); every other check still runs.
+    """
     errors: List[str] = []
-    _check_sections(cfg, errors)  # schema-level __post_init__ checks of the other groups
+    _check_sections(cfg, errors, check_paths)  # schema-level __post_init__ checks of the other groups
     _fail(errors)
     _check_stage(cfg, errors)
     _check_train(cfg, errors)
     _check_attention_vs_sequence(cfg, errors)
     _check_parallel(cfg, world_size, errors)
-    _check_checkpoint(cfg, errors)
+    _check_checkpoint(cfg, errors, check_paths)
     _fail(errors)
 
 
-def _check_sections(cfg: DictConfig, errors: List[str]) -> None:
+def _check_sections(cfg: DictConfig, errors: List[str], check_paths: bool) -> None:
     from msa_train.data.config import validate_data_config
     from msa_train.metrics.config import validate_logging_config
 
@@ -46,7 +50,7 @@ def _check_sections(cfg: DictConfig, errors: List[str]) -> None:
             # Instantiating the dataclass runs its own validation (__post_init__).
             obj = OmegaConf.to_object(cfg[section])
             if section == "data":
-                validate_data_config(obj)
+                validate_data_config(obj, check_files=check_paths)
             elif section == "logging":
                 validate_logging_config(obj)
         except Exception as exc:  # the owners' messages already name their fields
@@ -208,7 +212,7 @@ def _check_path(value: Optional[str], field: str, errors: List[str], need_checkp
         errors.append(str(exc))
 
 
-def _check_checkpoint(cfg: DictConfig, errors: List[str]) -> None:
+def _check_checkpoint(cfg: DictConfig, errors: List[str], check_paths: bool) -> None:
     from msa_train.trainer import ckpt_layout
 
     ck = cfg.checkpoint
@@ -220,7 +224,7 @@ def _check_checkpoint(cfg: DictConfig, errors: List[str]) -> None:
             errors.append(f"checkpoint.{name} must be set for this recipe (checkpoint.required="
                           f"{list(ck.required)})")
     resuming = ckpt_layout.has_checkpoint(ck.save)
-    if not resuming:
+    if not resuming and check_paths:
         _check_path(ck.load, "checkpoint.load", errors, need_checkpoint=True)
         if not ck.load:
             _check_path(ck.init_from, "checkpoint.init_from", errors, need_checkpoint=True)

@@ -103,8 +103,12 @@ def parse_split(split: str) -> List[float]:
     return [v / total for v in values]
 
 
-def validate_data_config(cfg: DataConfig) -> None:
-    """Fail early, before any compute, with a message naming the field to change."""
+def validate_data_config(cfg: DataConfig, check_files: bool = True) -> None:
+    """Fail early, before any compute, with a message naming the field to change.
+
+    check_files=False skips the on-disk checks of the prefixes (a dry run plans a cluster job from a
+    machine that does not see its data).
+    """
     if cfg.source not in SOURCES:
         raise DataConfigError(f"data.source={cfg.source!r} is not one of {list(SOURCES)}")
     parse_split(cfg.split)
@@ -128,7 +132,7 @@ def validate_data_config(cfg: DataConfig) -> None:
     from msa_train.data.indexed import check_prefix_exists, check_tokenizer_matches
 
     prefixes = [("paths", cfg.paths)] if cfg.source == "indexed" else []
-    for name, group in prefixes + [("valid_paths", cfg.valid_paths)]:
+    for name, group in (prefixes + [("valid_paths", cfg.valid_paths)]) if check_files else []:
         for i, prefix in enumerate(group):
             check_prefix_exists(prefix, f"data.{name}[{i}]")
             check_tokenizer_matches(prefix, f"data.{name}[{i}]", cfg.tokenizer.type)

@@ -22,13 +22,14 @@ def _write_run_config(cfg: DictConfig) -> None:
 
 
 def run_training(cfg: DictConfig) -> int:
-    # Fail on bad configs before any process group, model or dataset exists.
-    validate_config(cfg, env_world_size())
     if cfg.dry_run:
+        # Plans (and validates) at the layout's target world size, not this process's.
         from msa_train.dry_run import dry_run
 
         dry_run(cfg, env_world_size())
         return 0
+    # Fail on bad configs before any process group, model or dataset exists.
+    validate_config(cfg, env_world_size())
     logging.getLogger("megatron").setLevel(logging.WARNING)
     runtime = init_runtime(cfg.train, cfg.parallel)
     try:

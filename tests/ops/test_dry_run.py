@@ -112,3 +112,24 @@ def test_dry_run_rejects_a_conflicting_world_size(tmp_path):
     cfg = _compose_109b(tmp_path)
     with pytest.raises(ValueError, match="parallel.world_size"):
         dry_run(cfg, 128, stream=io.StringIO())
+
+
+def test_cli_dry_run_plans_at_the_recipe_world_size_without_seeing_its_storage(tmp_path):
+    """`msa-train ... dry_run=true` on a laptop: one process, data and checkpoints on a cluster
+    filesystem this machine does not have. It must still validate and print the 256-GPU plan."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "msa_train.train", "experiment=msa_109b_pt", "dry_run=true",
+         "data.paths=[/nonexistent/cluster/corpus]", "checkpoint.save=/nonexistent/cluster/ckpt"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "on 256 GPUs" in proc.stdout and "TP 2 x CP 2" in proc.stdout
+    # Everything else is still validated: a layout that cannot fit the world size is refused.
+    bad = subprocess.run(
+        [sys.executable, "-m", "msa_train.train", "experiment=msa_109b_pt", "dry_run=true",
+         "data.paths=[/nonexistent/cluster/corpus]", "parallel.world_size=100"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "parallel" in (bad.stdout + bad.stderr)
