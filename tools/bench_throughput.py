@@ -30,6 +30,27 @@ import time
 from typing import Dict, List, Optional
 
 TARGET_SPEEDUP = {32768: 1.5}  # issue 5: MSA >= 1.5x the twin's tokens/s at 32K
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _ensure_importable() -> None:
+    """Run from a plain checkout (the GPU box has no editable install): put the repository on
+    sys.path and register ./kernels under its import name, msa_kernels."""
+    import importlib.util
+
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    try:
+        import msa_kernels  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name != "msa_kernels":
+            raise
+        init = os.path.join(REPO, "kernels", "__init__.py")
+        spec = importlib.util.spec_from_file_location(
+            "msa_kernels", init, submodule_search_locations=[os.path.dirname(init)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["msa_kernels"] = module
+        spec.loader.exec_module(module)
 
 
 def _compose(model: str, attention: str, seq: int, tokens_per_step: int, extra: List[str]):
@@ -178,6 +199,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.steps < 1 or a.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
+    _ensure_importable()
 
     import torch
 
