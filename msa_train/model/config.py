@@ -80,9 +80,8 @@ class AttentionConfig:
     local_window: int = 0  # ablation C.2: force the w blocks before the local one
     index_norm: bool = False  # per-head RMSNorm on q_idx / k_idx (MiniMax-M3)
     index_rope: bool = False  # main branch's partial RoPE on q_idx / k_idx (MiniMax-M3)
-    # Paper Fig. 3 recall metrics: computed on demand every `recall_interval` steps (0 = never),
-    # on at most `recall_num_queries` sampled query tokens per layer.
-    recall_interval: int = 0
+    # Paper Fig. 3 recall metrics are computed on demand (how often: logging.recall_interval) on
+    # at most `recall_num_queries` sampled query tokens per layer.
     recall_num_queries: int = 256
     deterministic: bool = False
 
@@ -181,7 +180,7 @@ def validate_attention_config(cfg: AttentionConfig) -> None:
             f"attention.topk ({cfg.topk}) must leave room for the forced blocks: local + "
             f"local_window ({cfg.local_window}) + sink ({int(cfg.force_sink)}) = {forced}"
         )
-    if cfg.recall_interval < 0 or cfg.recall_num_queries < 1:
+    if cfg.recall_num_queries < 1:
         raise ValueError(
-            "attention.recall_interval must be >= 0 and attention.recall_num_queries >= 1"
+            "attention.recall_num_queries must be >= 1"
         )

@@ -127,8 +127,8 @@ def get_recall_metrics(reset: bool = True) -> Dict[str, float]:
         if table[i, 2] > 0:
             b = float(table[i, 0] / table[i, 2])
             s = float(table[i, 1] / table[i, 2])
-            out[f"msa/block_recall/layer_{i + 1:02d}"] = b
-            out[f"msa/score_recall/layer_{i + 1:02d}"] = s
+            out[f"msa/block_recall/layer_{i:02d}"] = b  # 0-based, as indexer_kl/layer_XX
+            out[f"msa/score_recall/layer_{i:02d}"] = s
             block.append(b)
             score.append(s)
     if block:

@@ -209,7 +209,7 @@ def test_recall_metrics(megatron_1rank):
     run(core, q, k, v, x)
     metrics = get_recall_metrics()
     assert 0 < metrics["msa/block_recall"] <= 1 and 0 < metrics["msa/score_recall"] <= 1
-    assert "msa/block_recall/layer_02" in metrics
+    assert "msa/block_recall/layer_01" in metrics  # layer_number 2 -> 0-based key, as indexer_kl/layer_XX
     # Selecting every block: both recalls are exactly 1.
     nb = S // cfg.msa_block_size
     all_blocks = torch.arange(nb, dtype=torch.int32).expand(cfg.num_query_groups, S * B, nb).contiguous()
