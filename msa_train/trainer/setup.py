@@ -7,7 +7,6 @@ objects as the same stage inside a continuous run.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -117,30 +116,6 @@ def wrap_ddp(config, chunks, parallel_cfg) -> List[torch.nn.Module]:
     ]
 
 
-@contextlib.contextmanager
-def _cpu_params_typed_as_cuda(active: bool):
-    """DistributedOptimizer sorts parameters by `param.type() == 'torch.cuda.FloatTensor'` and
-    rejects anything else. On CPU (gloo tests, the tiny default) report CPU tensors under their
-    CUDA type names while the optimizer is built. TODO(compat owner): move into msa_train.compat."""
-    if not active:
-        yield
-        return
-    original = torch.Tensor.type
-
-    def typed(self, *args, **kwargs):
-        name = original(self, *args, **kwargs)
-        if not args and not kwargs and isinstance(name, str) and name.startswith("torch.") \
-                and not name.startswith("torch.cuda."):
-            return "torch.cuda." + name[len("torch."):]
-        return name
-
-    torch.Tensor.type = typed
-    try:
-        yield
-    finally:
-        torch.Tensor.type = original
-
-
 def build_optimizer(cfg, runtime, chunks, stage: StagePlan):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -160,8 +135,7 @@ def build_optimizer(cfg, runtime, chunks, stage: StagePlan):
         use_distributed_optimizer=bool(cfg.parallel.use_distributed_optimizer),
         overlap_param_gather=bool(cfg.parallel.overlap_param_gather),
     )
-    with _cpu_params_typed_as_cuda(not runtime.is_cuda):
-        optimizer = get_megatron_optimizer(opt_config, chunks, use_gloo_process_groups=False)
+    optimizer = get_megatron_optimizer(opt_config, chunks, use_gloo_process_groups=False)
     # Megatron's scheduler counts samples: it is stepped by the global batch size each update.
     samples = int(train.global_batch_size)
     decay_steps = max(stage.steps, 1)
