@@ -27,21 +27,11 @@ import math
 import os
 import sys
 from typing import Any, Dict, List, Optional, TextIO, Tuple
+from msa_train.cfg_access import cfg_get as _get
 
 GIB = 2**30
 FRAMEWORK_OVERHEAD_GIB = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
 DEFAULT_GPU_MEMORY_GIB = 80.0
-
-
-def _get(obj: Any, key: str, default: Any = None) -> Any:
-    if obj is None:
-        return default
-    if isinstance(obj, dict):
-        return obj.get(key, default)
-    try:
-        return obj[key] if key in obj else default  # DictConfig (also Dict[str, Any] groups)
-    except TypeError:
-        return getattr(obj, key, default)
 
 
 # -- layout ---------------------------------------------------------------------------------------

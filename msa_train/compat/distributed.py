@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import torch
-
-
-def _get(parallel: Any, key: str, default: Any) -> Any:
-    if parallel is None:
-        return default
-    if isinstance(parallel, Mapping):
-        return parallel.get(key, default)
-    return getattr(parallel, key, default)
+from msa_train.cfg_access import cfg_get as _get
 
 
 def init_parallel(

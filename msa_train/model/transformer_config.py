@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from msa_train.model.config import MSA_MODES, AttentionConfig, ModelConfig
+from msa_train.cfg_access import cfg_get as _get
 
 
 @dataclass
@@ -70,14 +71,6 @@ class MSATransformerConfig(TransformerConfig):
     def is_msa_layer(self, layer_number: int) -> bool:
         """layer_number is Megatron's global 1-based layer number."""
         return bool(self.msa_layer_map[layer_number - 1])
-
-
-def _get(parallel: Any, key: str, default: Any) -> Any:
-    if parallel is None:
-        return default
-    if isinstance(parallel, Mapping):
-        return parallel.get(key, default)
-    return getattr(parallel, key, default)
 
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
