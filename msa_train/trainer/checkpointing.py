@@ -1,7 +1,12 @@
 """Save and load full training state with megatron.core.dist_checkpointing (torch_dist).
 
-Full state = model chunks + distributed optimizer (dp_reshardable) + LR scheduler + per-rank RNG +
-the trainer's progress counters. Weights-only loading (init_from) lives in msa_train.trainer.init_from.
+Full state = model chunks + distributed optimizer + LR scheduler + per-rank RNG + the trainer's
+progress counters, plus a small `checkpoint_format` entry (optimizer format, parallel layout).
+Model weights and the optimizer state are stored in model space, so a checkpoint resumes at any
+TP / PP / CP / EP / DP layout (msa_train.trainer.optimizer_state); the per-rank RNG streams are
+restored only at the saving layout. Checkpoints written before this format (optimizer as
+`dp_reshardable`) still load, at their own layout. Weights-only loading (init_from) lives in
+msa_train.trainer.init_from.
 """
 
 from __future__ import annotations
@@ -14,13 +19,15 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from msa_train.trainer import ckpt_layout as layout
-from msa_train.trainer import rng
+from msa_train.trainer import optimizer_state, rng
+from msa_train.trainer.ckpt_layout import CheckpointError
 
 log = logging.getLogger(__name__)
 
-# Plain torch Adam (no TE/apex) + DistributedOptimizer fails to save with Megatron's default
-# sharding type; dp_reshardable saves and resumes exactly (reshards over DP only).
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# Megatron's default sharding type fails to save with plain torch Adam (no TE/apex); the
+# fully_reshardable format saves, resumes exactly and reshards over every parallel dimension.
+OPTIMIZER_METADATA = dict(optimizer_state.SAVE_METADATA)
+FORMAT_KEY = "checkpoint_format"
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -47,11 +54,25 @@ def _rng_sharded_object(state: Any):
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
 
 
+def parallel_layout() -> Dict[str, Optional[int]]:
+    """This job's parallel layout: RNG streams belong to a rank's place in it."""
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "vpp": ps.get_virtual_pipeline_model_parallel_world_size(),
+            "cp": ps.get_context_parallel_world_size(),
+            "ep": ps.get_expert_model_parallel_world_size(),
+            "etp": ps.get_expert_tensor_parallel_world_size(),
+            "world_size": torch.distributed.get_world_size()}
+
+
 def _full_sharded_state_dict(chunks, optimizer, scheduler, progress: Dict[str, Any],
-                             is_loading: bool, with_rng: bool) -> Dict[str, Any]:
+                             is_loading: bool, with_rng: bool,
+                             optimizer_metadata: Dict[str, Any]) -> Dict[str, Any]:
     state = model_sharded_state_dict(chunks)
     state["optimizer"] = optimizer.sharded_state_dict(
-        state, is_loading=is_loading, metadata=OPTIMIZER_METADATA
+        state, is_loading=is_loading, metadata=optimizer_metadata
     )
     state["opt_param_scheduler"] = scheduler.state_dict()
     state["progress"] = progress
@@ -80,7 +101,9 @@ def save(root: str, iteration: int, chunks, optimizer, scheduler, progress: Dict
         os.makedirs(directory, exist_ok=True)
     _barrier()
     sharded = _full_sharded_state_dict(chunks, optimizer, scheduler, progress,
-                                       is_loading=False, with_rng=True)
+                                       is_loading=False, with_rng=True,
+                                       optimizer_metadata=OPTIMIZER_METADATA)
+    sharded[FORMAT_KEY] = {"optimizer": dict(OPTIMIZER_METADATA), "layout": parallel_layout()}
     dist_checkpointing.save(sharded, directory)
     _barrier()
     if rank == 0:
@@ -94,18 +117,75 @@ def save(root: str, iteration: int, chunks, optimizer, scheduler, progress: Dict
     return directory
 
 
-def _init_optimizer_state(optimizer) -> None:
-    """Give a fresh optimizer real state tensors so the checkpoint can be loaded into them."""
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if hasattr(sub, "_init_optimizer_states_with_dummy_values"):
-            sub._init_optimizer_states_with_dummy_values()
-        elif getattr(sub, "init_state_fn", None) is not None:
-            sub.init_state_fn(sub.optimizer, sub.config)
+def _legacy_layout(directory: str) -> Optional[Dict[str, Any]]:
+    """Parallel layout of a pre-format checkpoint, from the run_config.yaml saved beside it."""
+    path = os.path.join(directory, layout.RUN_CONFIG_FILENAME)
+    if not os.path.isfile(path):
+        return None
+    from omegaconf import OmegaConf
+
+    parallel = OmegaConf.load(path).get("parallel")
+    if parallel is None:
+        return None
+    return {k: (None if parallel.get(k) is None else int(parallel.get(k)))
+            for k in ("tp", "pp", "vpp", "cp", "ep")}
+
+
+def _check_legacy_layout(directory: str, current: Dict[str, Any]) -> None:
+    saved = _legacy_layout(directory)
+    if saved is None:
+        return
+    now = {k: current[k] for k in saved}
+    if saved != now:
+        raise CheckpointError(
+            f"{directory} stores the optimizer in the old dp_reshardable format, which loads only "
+            f"at the layout that wrote it ({saved}; this job: {now}): resume once with those "
+            "parallel.* values and save (new checkpoints reshard), or use checkpoint.init_from "
+            "for the weights only")
+
+
+def load(directory: str, chunks, optimizer, scheduler, saved_world_size: Optional[int]) -> Dict[str, Any]:
+    """Load full training state from an iteration directory; returns the saved progress dict."""
+    from megatron.core import dist_checkpointing
+
+    current = parallel_layout()
+    fmt = dist_checkpointing.load_common_state_dict(directory).get(FORMAT_KEY)
+    if fmt is not None:
+        metadata = dict(fmt["optimizer"])
+        with_rng = fmt.get("layout") == current
+        changed = "layout" if fmt.get("layout") else "format"
+    else:
+        metadata = dict(optimizer_state.LEGACY_METADATA)
+        _check_legacy_layout(directory, current)
+        with_rng = saved_world_size == current["world_size"]
+        changed = "world size"
+    reshardable = (metadata.get("distrib_optim_sharding_type") == optimizer_state.SHARDING_TYPE
+                   and optimizer_state.is_distributed(optimizer))
+    if not with_rng:
+        log.warning("checkpoint %s differs from this job's (%s): RNG streams restart from the "
+                    "stage seed", changed, current)
+    optimizer_state.init_states(optimizer)
+    sharded = _full_sharded_state_dict(chunks, optimizer, scheduler, {}, is_loading=True,
+                                       with_rng=with_rng, optimizer_metadata=metadata)
+    with torch.no_grad():
+        loaded = dist_checkpointing.load(sharded, directory)
+        for i, chunk in enumerate(chunks):
+            unwrap(chunk).load_state_dict(loaded[model_state_key(i, len(chunks))], strict=True)
+        if reshardable:
+            optimizer_state.load_reshardable(optimizer, loaded["optimizer"])
+        else:
+            optimizer.load_state_dict(loaded["optimizer"])
+            _restore_adam_steps(optimizer, loaded["optimizer"])
+    scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if with_rng:
+        rng.restore(loaded["rng_state"])
+    return dict(loaded["progress"])
 
 
 def _restore_adam_steps(optimizer, loaded_state: Any) -> None:
-    """The dummy initialization leaves Adam's `step` at 1; take it from the checkpoint."""
-    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    """Legacy / non-distributed optimizer: Adam's `step` from the loaded param groups (the dummy
+    initialization leaves it at 1)."""
+    subs = optimizer_state.sub_optimizers(optimizer)
     if len(subs) == 1:
         loaded = [loaded_state]
     elif isinstance(loaded_state, dict):
@@ -115,35 +195,5 @@ def _restore_adam_steps(optimizer, loaded_state: Any) -> None:
     for sub, sub_state in zip(subs, loaded):
         inner = sub_state.get("optimizer", sub_state) if isinstance(sub_state, dict) else None
         groups = inner.get("param_groups") if isinstance(inner, dict) else None
-        if not groups:
-            continue
-        for group, saved in zip(sub.optimizer.param_groups, groups):
-            if "step" not in saved:
-                continue
-            step = torch.tensor(float(saved["step"]), dtype=torch.float32)
-            for param in group["params"]:
-                if param in sub.optimizer.state and "step" in sub.optimizer.state[param]:
-                    sub.optimizer.state[param]["step"] = step.clone()
-
-
-def load(directory: str, chunks, optimizer, scheduler, saved_world_size: Optional[int]) -> Dict[str, Any]:
-    """Load full training state from an iteration directory; returns the saved progress dict."""
-    from megatron.core import dist_checkpointing
-
-    with_rng = saved_world_size == torch.distributed.get_world_size()
-    if not with_rng:
-        log.warning("checkpoint was written by %s ranks, this job has %s: RNG streams restart "
-                    "from the stage seed", saved_world_size, torch.distributed.get_world_size())
-    _init_optimizer_state(optimizer)
-    sharded = _full_sharded_state_dict(chunks, optimizer, scheduler, {}, is_loading=True,
-                                       with_rng=with_rng)
-    with torch.no_grad():
-        loaded = dist_checkpointing.load(sharded, directory)
-        for i, chunk in enumerate(chunks):
-            unwrap(chunk).load_state_dict(loaded[model_state_key(i, len(chunks))], strict=True)
-        optimizer.load_state_dict(loaded["optimizer"])
-        _restore_adam_steps(optimizer, loaded["optimizer"])
-    scheduler.load_state_dict(loaded["opt_param_scheduler"])
-    if with_rng:
-        rng.restore(loaded["rng_state"])
-    return dict(loaded["progress"])
+        if groups:
+            optimizer_state.restore_adam_steps(sub, groups)
