@@ -884,51 +884,15 @@ def ensure_msa_kernels() -> None:
     spec.loader.exec_module(module)
 
 
-FULLY_RESHARDABLE = ("fully_reshardable", "fully_sharded_model_space")
-
-
-def enable_reshardable_optimizer_checkpoints() -> bool:
-    """Workaround until the trainer saves a layout-independent optimizer format.
-
-    msa_train.trainer.checkpointing saves the distributed optimizer as `dp_reshardable`: flat
-    per-(TP, PP) buffers that only reload at the same TP/PP, so a checkpoint cannot resume at
-    another layout. (A change of EP still fails: see docs/PARALLEL_VALIDATION.md.) Switch it to `fully_reshardable` (per-parameter tensors in model space), and
-    keep Megatron 0.16.1's loader from failing on plain torch Adam's `step` entry, which that
-    format does not store (the trainer restores `step` from the param groups afterwards).
-    Returns True if anything was patched.
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    from msa_train.trainer import checkpointing
-
-    if checkpointing.OPTIMIZER_METADATA.get("distrib_optim_sharding_type") in FULLY_RESHARDABLE:
-        return False
-    checkpointing.OPTIMIZER_METADATA = dict(checkpointing.OPTIMIZER_METADATA,
-                                            distrib_optim_sharding_type="fully_reshardable")
-    original = DistributedOptimizer._set_main_param_and_optimizer_states
-
-    def set_states(self, model_param, tensors):
-        group, order = self.model_param_group_index_map[model_param]
-        state = self.optimizer.state[self.optimizer.param_groups[group]["params"][order]]
-        if "step" in state and "step" not in tensors:
-            tensors = dict(tensors, step=state["step"])
-        return original(self, model_param, tensors)
-
-    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
-    return True
-
-
 def worker_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="gpu_parallel_validation.py worker")
+    # Accepted for plans built with it: the trainer itself now saves the optimizer in a
+    # layout-independent format (msa_train.trainer.optimizer_state), so nothing is patched.
     parser.add_argument("--reshardable-optimizer", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
     ensure_msa_kernels()
-    patched = args.reshardable_optimizer and enable_reshardable_optimizer_checkpoints()
-    if patched and os.environ.get("RANK", "0") == "0":
-        print("gpu_parallel_validation: optimizer checkpoints saved as fully_reshardable "
-              "(workaround, see enable_reshardable_optimizer_checkpoints)", flush=True)
     from msa_train.train import main as msa_train_main
 
     sys.argv = [sys.argv[0]] + list(args.overrides)

@@ -192,7 +192,7 @@ def _restore_adam_steps(optimizer, loaded_state: Any) -> None:
         loaded = [v for _, v in sorted(loaded_state.items())]
     else:
         loaded = list(loaded_state)
-    for sub, sub_state in zip(subs, loaded):
+    for sub, sub_state in zip(subs, loaded, strict=False):
         inner = sub_state.get("optimizer", sub_state) if isinstance(sub_state, dict) else None
         groups = inner.get("param_groups") if isinstance(inner, dict) else None
         if groups:

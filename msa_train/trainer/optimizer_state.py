@@ -79,8 +79,8 @@ def match_param_groups(current: Sequence[Dict[str, Any]], saved: Sequence[Dict[s
         loose = [s for s in saved if _identity(s, loose_keys) == _identity(group, loose_keys)]
         found = (exact or loose or [None])[0]
         if found is None:
-            want = dict(zip(keys, _identity(group, keys)))
-            have = [dict(zip(keys, _identity(s, keys))) for s in saved]
+            want = dict(zip(keys, _identity(group, keys), strict=True))
+            have = [dict(zip(keys, _identity(s, keys), strict=True)) for s in saved]
             raise CheckpointError(
                 f"the checkpoint's optimizer has no param group for {want} (it has {have}): "
                 "the trainable parameters or per-group optimizer settings differ from the run "
@@ -117,7 +117,7 @@ def _split_loaded(state: Dict[Any, Any], num_subs: int) -> Tuple[List[Dict], Lis
 def restore_adam_steps(sub, groups: Sequence[Dict[str, Any]]) -> None:
     """Set torch Adam's per-parameter `step` from the checkpoint's param groups (a fresh
     optimizer's dummy initialization leaves it at 1)."""
-    for group, saved in zip(sub.optimizer.param_groups, groups):
+    for group, saved in zip(sub.optimizer.param_groups, groups, strict=True):
         if saved.get("step") is None:
             continue
         step = torch.tensor(float(saved["step"]), dtype=torch.float32)
@@ -136,7 +136,7 @@ def load_reshardable(optimizer, loaded: Dict[Any, Any]) -> None:
     keys = _identity_keys()
     pool = [group for common in saved for group in common["optimizer"]["param_groups"]]
     extra = {k: v for k, v in saved[0]["optimizer"].items() if k != "param_groups"}
-    for sub, param_state in zip(subs, param_states):
+    for sub, param_state in zip(subs, param_states, strict=True):
         groups = match_param_groups(sub.optimizer.param_groups, pool, keys)
         common: Dict[str, Any] = {"optimizer": {**extra, "param_groups": groups}}
         if saved[0].get("grad_scaler") is not None:

@@ -1,0 +1,107 @@
+"""Full-state resume at another parallel layout (TP / PP / EP / world size) continues the saving
+run's loss curve (fp32 on CPU: within 1e-5 relative; in practice bitwise)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.trainer.helpers import REPO, SMALL, losses_by_step, run_train
+
+pytestmark = pytest.mark.slow
+SAVE_STEP = 4  # mid sparse stage (SMALL: 3 warmup + 3 sparse steps)
+TOTAL = 6
+REL_TOL = 1e-5
+
+LAYOUTS = {
+    "single": ([], 1),
+    "tp2": (["parallel.tp=2", "parallel.sequence_parallel=true"], 2),
+    "pp2": (["parallel.pp=2"], 2),
+    "ep2": (["parallel.ep=2"], 2),  # DP2 x EP2: a chained (dense + expert) optimizer
+}
+
+
+def _source(root, layout: str, extra=()):
+    """Train `layout` to the end, saving full state at SAVE_STEP; returns (ckpt dir, losses)."""
+    args, nproc = LAYOUTS[layout]
+    run_train([*SMALL, *args, *extra, f"checkpoint.save={root}/ckpt",
+               f"checkpoint.save_interval={SAVE_STEP}", "checkpoint.save_at_stage_end=false"],
+              str(root / "run"), nproc=nproc)
+    return os.path.join(str(root), "ckpt", f"iter_{SAVE_STEP:07d}"), losses_by_step(str(root / "run"))
+
+
+def _resume(ckpt: str, root, layout: str, expect_rc=0):
+    args, nproc = LAYOUTS[layout]
+    result = run_train([*SMALL, *args, f"checkpoint.load={ckpt}", "checkpoint.save=null"],
+                       str(root / "run"), nproc=nproc, expect_rc=expect_rc)
+    return result, (losses_by_step(str(root / "run")) if result.returncode == 0 else None)
+
+
+def _assert_continues(resumed, source):
+    expected = {step: loss for step, loss in source.items() if step > SAVE_STEP}
+    assert sorted(resumed) == sorted(expected) == list(range(SAVE_STEP + 1, TOTAL + 1)), resumed
+    for step, loss in expected.items():
+        assert abs(resumed[step] - loss) <= REL_TOL * abs(loss), (step, resumed[step], loss)
+
+
+@pytest.fixture(scope="module")
+def ep2_source(tmp_path_factory):
+    return _source(tmp_path_factory.mktemp("ep2_source"), "ep2")
+
+
+@pytest.mark.parametrize("target", ["single", "pp2"])
+def test_chained_expert_optimizer_resumes_without_ep(ep2_source, target, tmp_path):
+    # EP2 -> EP1: the checkpoint holds two sub-optimizers (dense, expert), the job builds one.
+    ckpt, source = ep2_source
+    result, resumed = _resume(ckpt, tmp_path, target)
+    assert f"resume: {ckpt} (step {SAVE_STEP}" in result.stdout
+    _assert_continues(resumed, source)
+
+
+def test_single_optimizer_resumes_with_ep(tmp_path):
+    # EP1 -> EP2 (and 1 -> 2 ranks): one saved sub-optimizer feeds the dense and expert ones.
+    ckpt, source = _source(tmp_path / "src", "single")
+    _, resumed = _resume(ckpt, tmp_path / "dst", "ep2")
+    _assert_continues(resumed, source)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "model, not checkpointing: the same weights give a different loss at TP2 than at TP1/PP2/EP2 "
+    "(step-5 loss 5.658 vs 5.377 from one checkpoint, index_rope on or off); reported to the model "
+    "owner. Model weights alone (no optimizer state) reproduce the gap."))
+def test_tp2_to_pp2(tmp_path):
+    ckpt, source = _source(tmp_path / "src", "tp2")
+    _, resumed = _resume(ckpt, tmp_path / "dst", "pp2")
+    _assert_continues(resumed, source)
+
+
+_LEGACY_WRITER = """
+import sys
+from msa_train.trainer import checkpointing, optimizer_state
+# What msa-train saved before the reshardable format: dp_reshardable, no format entry.
+checkpointing.OPTIMIZER_METADATA = dict(optimizer_state.LEGACY_METADATA)
+checkpointing.FORMAT_KEY = "unused_by_the_old_writer"
+from msa_train.train import main
+main()
+"""
+
+
+def test_legacy_dp_reshardable_checkpoint_resumes_at_its_layout(tmp_path):
+    run_dir, save = str(tmp_path / "src" / "run"), str(tmp_path / "src" / "ckpt")
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", _LEGACY_WRITER, f"run_dir={run_dir}", *SMALL,
+         f"checkpoint.save={save}", f"checkpoint.save_interval={SAVE_STEP}",
+         "checkpoint.save_at_stage_end=false"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = os.path.join(save, f"iter_{SAVE_STEP:07d}")
+    _, resumed = _resume(ckpt, tmp_path / "same", "single")
+    assert resumed == {s: v for s, v in losses_by_step(run_dir).items() if s > SAVE_STEP}
+    # At another layout the old format cannot load: a clear error, not a shape mismatch.
+    result, _ = _resume(ckpt, tmp_path / "other", "pp2", expect_rc=None)
+    assert result.returncode != 0
+    assert "old dp_reshardable format" in result.stdout and "parallel." in result.stdout
