@@ -144,6 +144,27 @@ def _check_legacy_layout(directory: str, current: Dict[str, Any]) -> None:
             "for the weights only")
 
 
+def _check_tensor_shapes(directory: str, model_state: Dict[str, Any]) -> None:
+    """Megatron loads embeddings and the output layer even when their (padded) vocabulary size
+    differs from the checkpoint's; the extra or missing padded logits then change the loss.
+    A full resume must see the same shapes."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    saved = dist_checkpointing.load_tensors_metadata(directory)
+    wrong = sorted({f"{t.key}: checkpoint {tuple(saved[t.key].global_shape)}, this job "
+                    f"{tuple(t.global_shape)}"
+                    for t in nested_values(model_state) if isinstance(t, ShardedTensor)
+                    and t.key in saved and tuple(saved[t.key].global_shape) != tuple(t.global_shape)})
+    if wrong:
+        raise CheckpointError(
+            f"{directory}: tensor shapes differ from this job's model: {wrong}. The padded vocabulary "
+            "is a multiple of data.tokenizer.make_vocab_size_divisible_by x parallel.tp: when "
+            "changing parallel.tp, scale make_vocab_size_divisible_by inversely so the product "
+            "matches the saving run's; otherwise the model/ config differs from the checkpoint's")
+
+
 def load(directory: str, chunks, optimizer, scheduler, saved_world_size: Optional[int]) -> Dict[str, Any]:
     """Load full training state from an iteration directory; returns the saved progress dict."""
     from megatron.core import dist_checkpointing
@@ -165,6 +186,7 @@ def load(directory: str, chunks, optimizer, scheduler, saved_world_size: Optiona
         log.warning("checkpoint %s differs from this job's (%s): RNG streams restart from the "
                     "stage seed", changed, current)
     optimizer_state.init_states(optimizer)
+    _check_tensor_shapes(directory, model_sharded_state_dict(chunks))
     sharded = _full_sharded_state_dict(chunks, optimizer, scheduler, {}, is_loading=True,
                                        with_rng=with_rng, optimizer_metadata=metadata)
     with torch.no_grad():
