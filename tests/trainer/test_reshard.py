@@ -19,6 +19,12 @@ LAYOUTS = {
     "tp2": (["parallel.tp=2", "parallel.sequence_parallel=true"], 2),
     "pp2": (["parallel.pp=2"], 2),
     "ep2": (["parallel.ep=2"], 2),  # DP2 x EP2: a chained (dense + expert) optimizer
+    # The issue-6 pair, 4 ranks, 1 sample per micro-batch (PP2 x DP2 needs >= 2 micro-batches).
+    # Divisors keep the padded vocabulary (divisor x TP) at 256 on both sides.
+    "tp2cp2": (["parallel.tp=2", "parallel.cp=2", "parallel.sequence_parallel=true",
+                "train.micro_batch_size=1"], 4),
+    "pp2ep2": (["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1",
+                "data.tokenizer.make_vocab_size_divisible_by=256"], 4),
 }
 
 
@@ -77,6 +83,13 @@ def test_tp2_to_pp2_keeps_the_padded_vocabulary(tmp_path):
     assert "embedding.word_embeddings.weight" in refused.stdout
     _, resumed = _resume(ckpt, tmp_path / "dst", "pp2",
                          extra=["data.tokenizer.make_vocab_size_divisible_by=256"])
+    _assert_continues(resumed, source)
+
+
+def test_issue6_tp2xcp2_to_pp2xep2(tmp_path):
+    # Every dimension changes at once: TP, CP and PP, EP 1 -> 2 (single -> chained optimizer), DP.
+    ckpt, source = _source(tmp_path / "src", "tp2cp2")
+    _, resumed = _resume(ckpt, tmp_path / "dst", "pp2ep2")
     _assert_continues(resumed, source)
 
 
