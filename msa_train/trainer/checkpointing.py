@@ -155,14 +155,16 @@ def _check_tensor_shapes(directory: str, model_state: Dict[str, Any]) -> None:
     saved = dist_checkpointing.load_tensors_metadata(directory)
     wrong = sorted({f"{t.key}: checkpoint {tuple(saved[t.key].global_shape)}, this job "
                     f"{tuple(t.global_shape)}"
-                    for t in nested_values(model_state) if isinstance(t, ShardedTensor)
-                    and t.key in saved and tuple(saved[t.key].global_shape) != tuple(t.global_shape)})
+                    for t in nested_values(model_state)
+                    if isinstance(t, ShardedTensor) and t.key in saved
+                    and tuple(saved[t.key].global_shape) != tuple(t.global_shape)})
     if wrong:
         raise CheckpointError(
-            f"{directory}: tensor shapes differ from this job's model: {wrong}. The padded vocabulary "
-            "is a multiple of data.tokenizer.make_vocab_size_divisible_by x parallel.tp: when "
-            "changing parallel.tp, scale make_vocab_size_divisible_by inversely so the product "
-            "matches the saving run's; otherwise the model/ config differs from the checkpoint's")
+            f"{directory}: tensor shapes differ from this job's model: {wrong}. The padded "
+            "vocabulary is a multiple of data.tokenizer.make_vocab_size_divisible_by x "
+            "parallel.tp: when changing parallel.tp, scale make_vocab_size_divisible_by "
+            "inversely so the product matches the saving run's; otherwise the model/ config "
+            "differs from the checkpoint's")
 
 
 def load(directory: str, chunks, optimizer, scheduler, saved_world_size: Optional[int]) -> Dict[str, Any]:
@@ -170,23 +172,32 @@ def load(directory: str, chunks, optimizer, scheduler, saved_world_size: Optiona
     from megatron.core import dist_checkpointing
 
     current = parallel_layout()
+    _check_tensor_shapes(directory, model_sharded_state_dict(chunks))
     fmt = dist_checkpointing.load_common_state_dict(directory).get(FORMAT_KEY)
     if fmt is not None:
         metadata = dict(fmt["optimizer"])
-        with_rng = fmt.get("layout") == current
-        changed = "layout" if fmt.get("layout") else "format"
+        saved_layout = fmt.get("layout") or {}
+        with_rng = saved_layout == current
+        why = f"it was written at {saved_layout}, this job runs at {current}"
     else:
         metadata = dict(optimizer_state.LEGACY_METADATA)
         _check_legacy_layout(directory, current)
+        saved_layout = {}
         with_rng = saved_world_size == current["world_size"]
-        changed = "world size"
-    reshardable = (metadata.get("distrib_optim_sharding_type") == optimizer_state.SHARDING_TYPE
-                   and optimizer_state.is_distributed(optimizer))
+        why = f"it was written by {saved_world_size} ranks, this job has {current['world_size']}"
+    distributed = optimizer_state.is_distributed(optimizer)
+    if not distributed and saved_layout and saved_layout.get("ep") != current["ep"]:
+        # Megatron's own loader pairs sub-optimizers by position; only the distributed
+        # optimizer's state is remapped here.
+        raise CheckpointError(
+            f"{directory} was saved at parallel.ep={saved_layout.get('ep')}, this job has "
+            f"parallel.ep={current['ep']}: changing EP needs "
+            "parallel.use_distributed_optimizer=true")
+    sharding = metadata.get("distrib_optim_sharding_type")
+    reshardable = distributed and sharding == optimizer_state.SHARDING_TYPE
     if not with_rng:
-        log.warning("checkpoint %s differs from this job's (%s): RNG streams restart from the "
-                    "stage seed", changed, current)
+        log.warning("RNG streams restart from the stage seed: %s", why)
     optimizer_state.init_states(optimizer)
-    _check_tensor_shapes(directory, model_sharded_state_dict(chunks))
     sharded = _full_sharded_state_dict(chunks, optimizer, scheduler, {}, is_loading=True,
                                        with_rng=with_rng, optimizer_metadata=metadata)
     with torch.no_grad():

@@ -34,7 +34,8 @@ def _source(root, layout: str, extra=()):
     run_train([*SMALL, *args, *extra, f"checkpoint.save={root}/ckpt",
                f"checkpoint.save_interval={SAVE_STEP}", "checkpoint.save_at_stage_end=false"],
               str(root / "run"), nproc=nproc)
-    return os.path.join(str(root), "ckpt", f"iter_{SAVE_STEP:07d}"), losses_by_step(str(root / "run"))
+    ckpt = os.path.join(str(root), "ckpt", f"iter_{SAVE_STEP:07d}")
+    return ckpt, losses_by_step(str(root / "run"))
 
 
 def _resume(ckpt: str, root, layout: str, expect_rc=0, extra=()):
@@ -122,3 +123,31 @@ def test_legacy_dp_reshardable_checkpoint_resumes_at_its_layout(tmp_path):
     result, _ = _resume(ckpt, tmp_path / "other", "pp2", expect_rc=None)
     assert result.returncode != 0
     assert "old dp_reshardable format" in result.stdout and "parallel." in result.stdout
+
+
+def test_param_groups_pair_across_expert_parallel_flag():
+    pytest.importorskip("megatron.core")
+    from msa_train.trainer.ckpt_layout import CheckpointError
+    from msa_train.trainer.optimizer_state import match_param_groups
+
+    keys = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+    saved = [  # an EP2 checkpoint: dense groups, then the expert optimizer's group
+        {"wd_mult": 1.0, "lr_mult": 1.0, "is_expert_parallel": False, "is_decoupled_lr": False,
+         "lr": 1e-3, "step": 4},
+        {"wd_mult": 0.0, "lr_mult": 1.0, "is_expert_parallel": False, "is_decoupled_lr": False,
+         "lr": 1e-3, "step": 4},
+        {"wd_mult": 1.0, "lr_mult": 1.0, "is_expert_parallel": True, "is_decoupled_lr": False,
+         "lr": 2e-3, "step": 4},
+    ]
+    expert = {"params": [], "wd_mult": 1.0, "lr_mult": 1.0, "is_expert_parallel": True,
+              "is_decoupled_lr": False}
+    assert match_param_groups([expert], saved, keys)[0]["lr"] == 2e-3  # exact match preferred
+    # EP1: the experts sit in a dense group; it takes a same-settings group, relabeled as its own.
+    dense = dict(expert, is_expert_parallel=False)
+    got = match_param_groups([dense], saved[2:], keys)[0]
+    assert got == dict(saved[2], is_expert_parallel=False)
+    # Same flags elsewhere win over the relaxed match: the dense wd group of the checkpoint.
+    assert match_param_groups([dense], saved, keys)[0] is not saved[0]  # a relabeled copy
+    assert match_param_groups([dense], saved, keys)[0] == saved[0]
+    with pytest.raises(CheckpointError, match="no param group"):
+        match_param_groups([dict(dense, wd_mult=0.0)], saved[2:], keys)  # no wd_mult 0 saved
