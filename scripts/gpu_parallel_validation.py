@@ -254,7 +254,6 @@ class RunSpec:
     nproc: int
     overrides: List[str]
     source: Optional[str] = None  # resume: the run whose checkpoint it loads
-    patch_optimizer: bool = False  # worker applies the cross-layout optimizer-state workaround
 
 
 @dataclass
@@ -312,8 +311,7 @@ def base_overrides(plan: Plan, name: str, layout: Layout, max_tp: int) -> List[s
 
 
 def build_plan(preset: Preset, device: str, num_gpus: int, work: Path, shape: ModelShape,
-               layouts: Optional[Sequence[Layout]] = None, resume: Optional[str] = None,
-               patch_optimizer: bool = True) -> Plan:
+               layouts: Optional[Sequence[Layout]] = None, resume: Optional[str] = None) -> Plan:
     if preset.resume_step <= preset.warmup_steps or preset.resume_step >= preset.steps:
         raise ValueError(f"--resume-step={preset.resume_step} must lie inside the sparse stage "
                          f"({preset.warmup_steps} < step < {preset.steps})")
@@ -374,22 +372,18 @@ def build_plan(preset: Preset, device: str, num_gpus: int, work: Path, shape: Mo
             overrides += [f"checkpoint.save={work / 'runs' / layout.name / 'ckpt'}",
                           f"checkpoint.save_interval={preset.resume_step}",
                           "checkpoint.save_at_stage_end=false", "checkpoint.keep_last_k=null"]
-        plan.runs.append(RunSpec(layout.name, "layout", layout, num_gpus, overrides,
-                                 patch_optimizer=patch_optimizer and layout.name in sources))
+        plan.runs.append(RunSpec(layout.name, "layout", layout, num_gpus, overrides))
     for src, dst in pairs:
         name = resume_name(src, dst)
         ckpt = work / "runs" / src.name / "ckpt" / f"iter_{preset.resume_step:07d}"
         overrides = base_overrides(plan, name, dst, max_tp) + [f"checkpoint.load={ckpt}"]
-        plan.runs.append(RunSpec(name, "resume", dst, num_gpus, overrides, source=src.name,
-                                 patch_optimizer=patch_optimizer))
+        plan.runs.append(RunSpec(name, "resume", dst, num_gpus, overrides, source=src.name))
     return plan
 
 
 def worker_command(spec: RunSpec, python: str = sys.executable, script: Path = Path(__file__)) -> List[str]:
     cmd = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec.nproc}",
            "--max-restarts=0", str(script), "worker"]
-    if spec.patch_optimizer:
-        cmd.append("--reshardable-optimizer")
     return cmd + ["--"] + list(spec.overrides)
 
 
@@ -702,8 +696,7 @@ def build_report(plan: Plan, results: Dict[str, RunResult], tol: Tolerance, devi
             "role": spec.role, "source": spec.source, "layout": spec.layout.label, "nproc": spec.nproc,
             "dp": spec.layout.dp(spec.nproc), "rc": None if res is None else res.rc,
             "seconds": None if res is None else res.seconds, "timed_out": bool(res and res.timed_out),
-            "finished": ok, "run_problems": problems, "throughput": throughput(records),
-            "optimizer_workaround": spec.patch_optimizer}
+            "finished": ok, "run_problems": problems, "throughput": throughput(records)}
     return evaluate(report, tol)
 
 
@@ -886,9 +879,6 @@ def ensure_msa_kernels() -> None:
 
 def worker_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="gpu_parallel_validation.py worker")
-    # Accepted for plans built with it: the trainer itself now saves the optimizer in a
-    # layout-independent format (msa_train.trainer.optimizer_state), so nothing is patched.
-    parser.add_argument("--reshardable-optimizer", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
@@ -926,7 +916,7 @@ def _plan_from_args(args) -> Plan:
     shape = ModelShape.from_configs(preset.model, preset.attention)
     layouts = parse_layout_list(args.layouts) if args.layouts.strip() else None
     return build_plan(preset, args.device, args.gpus, Path(args.work).resolve(), shape,
-                      layouts=layouts, resume=args.resume, patch_optimizer=not args.no_optimizer_workaround)
+                      layouts=layouts, resume=args.resume)
 
 
 def _tolerance(args, precision: str) -> Tolerance:
@@ -973,9 +963,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="tolerance floor relative to the loss (default 2^-8 in bf16, 1e-5 in fp32)")
     parser.add_argument("--within", type=float, default=0.9, help="share of steps that must be in band")
     parser.add_argument("--final-window", type=int, default=10)
-    parser.add_argument("--no-optimizer-workaround", action="store_true",
-                        help="run the trainer's own optimizer checkpoint format (cross-layout resume "
-                             "then needs the trainer fix)")
     parser.add_argument("--report", default=None, help="render: report.json to turn into report.md")
     args = parser.parse_args(argv)
     if args.command == "render":

@@ -86,9 +86,8 @@ def test_plan_two_gpus(pv, tmp_path):
     assert "attention.deterministic=true" in plan.run("ref_det").overrides
     assert "attention.deterministic=false" in plan.run("ref").overrides
     tp2 = plan.run("tp2")
-    assert "checkpoint.save_interval=30" in tp2.overrides and tp2.patch_optimizer
+    assert "checkpoint.save_interval=30" in tp2.overrides
     assert "parallel.sequence_parallel=true" in tp2.overrides
-    assert not plan.run("cp2").patch_optimizer
     resume = plan.run("tp2_to_cp2")
     assert resume.source == "tp2" and resume.layout == pv.Layout(cp=2)
     assert f"checkpoint.load={tmp_path / 'runs' / 'tp2' / 'ckpt' / 'iter_0000030'}" in resume.overrides
@@ -96,8 +95,7 @@ def test_plan_two_gpus(pv, tmp_path):
     cmd = pv.worker_command(resume, python="py")
     assert cmd[:6] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                        "--max-restarts=0"]
-    assert cmd[6:10] == [str(SCRIPT), "worker", "--reshardable-optimizer", "--"]
-    assert "--reshardable-optimizer" not in pv.worker_command(plan.run("ep2"))
+    assert cmd[6:9] == [str(SCRIPT), "worker", "--"]
 
 
 def test_vocab_padding_identical_at_every_tp(pv, tmp_path):
@@ -339,31 +337,6 @@ def test_worker_aliases_kernels_without_editable_install(tmp_path):
     lines = out.stdout.split()
     assert lines[0] == "absent"
     assert lines[1] == str(REPO / "kernels" / "__init__.py") and lines[2] == "True"
-
-
-def test_optimizer_workaround_switches_format_and_keeps_adam_step(pv, monkeypatch):
-    pytest.importorskip("megatron.core")
-    import torch
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    from msa_train.trainer import checkpointing
-
-    seen = {}
-    monkeypatch.setattr(checkpointing, "OPTIMIZER_METADATA",
-                        {"distrib_optim_sharding_type": "dp_reshardable"})
-    monkeypatch.setattr(DistributedOptimizer, "_set_main_param_and_optimizer_states",
-                        lambda self, p, tensors: seen.update(tensors))
-    assert pv.enable_reshardable_optimizer_checkpoints()
-    assert checkpointing.OPTIMIZER_METADATA["distrib_optim_sharding_type"] == "fully_reshardable"
-    assert not pv.enable_reshardable_optimizer_checkpoints()  # already reshardable: no second patch
-
-    main = torch.zeros(3)
-    fake = type("Fake", (), {})()
-    fake.model_param_group_index_map = {"w": (0, 0)}
-    fake.optimizer = type("Opt", (), {"param_groups": [{"params": [main]}],
-                                      "state": {main: {"step": torch.tensor(7.0), "exp_avg": main}}})()
-    DistributedOptimizer._set_main_param_and_optimizer_states(fake, "w", {"param": main, "exp_avg": main})
-    assert set(seen) == {"param", "exp_avg", "step"} and float(seen["step"]) == 7.0
 
 
 # -- end to end on CPU -----------------------------------------------------------------------------
