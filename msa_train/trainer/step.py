@@ -58,10 +58,27 @@ def _reduce_lm_loss(losses: List[Dict[str, torch.Tensor]]) -> Optional[float]:
     return float(total[0] / total[1].clamp(min=1))
 
 
+def _run_schedule(chunks, data_iterator, num_microbatches: int, seq_length: int,
+                  micro_batch_size: int, device: torch.device, cp_size: int,
+                  forward_only: bool) -> List[Dict[str, torch.Tensor]]:
+    """Megatron's pipeline schedule (or plain loop at PP=1) over one global batch."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=make_forward_step(device, cp_size),
+        data_iterator=data_iterator,  # one iterator per virtual pipeline stage
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        decoder_seq_length=seq_length,
+        forward_only=forward_only,
+    )
+
+
 def train_step(chunks, optimizer, scheduler, config, data_iterator, *, num_microbatches: int,
                seq_length: int, micro_batch_size: int, global_batch_size: int,
                device: torch.device, cp_size: int) -> StepResult:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from msa_train.model.kl_scaler import kl_loss_scale, set_kl_loss_scale
 
@@ -72,17 +89,8 @@ def train_step(chunks, optimizer, scheduler, config, data_iterator, *, num_micro
         config.grad_scale_func(torch.ones(1, device=device)).item())
     set_kl_loss_scale(kl_loss_scale(num_microbatches, cp_size, config.calculate_per_token_loss,
                                     grad_scale))
-    forward_backward = get_forward_backward_func()
-    losses = forward_backward(
-        forward_step_func=make_forward_step(device, cp_size),
-        data_iterator=data_iterator,  # one iterator per virtual pipeline stage
-        model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        decoder_seq_length=seq_length,
-        forward_only=False,
-    )
+    losses = _run_schedule(chunks, data_iterator, num_microbatches, seq_length, micro_batch_size,
+                           device, cp_size, forward_only=False)
     update_ok, grad_norm, _ = optimizer.step()
     if update_ok:
         scheduler.step(increment=global_batch_size)
@@ -99,21 +107,12 @@ def train_step(chunks, optimizer, scheduler, config, data_iterator, *, num_micro
 @torch.no_grad()
 def eval_step(chunks, data_iterator, *, num_microbatches: int, seq_length: int,
               micro_batch_size: int, device: torch.device, cp_size: int) -> Optional[float]:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     for chunk in chunks:
         chunk.eval()
     try:
-            losses = get_forward_backward_func()(
-            forward_step_func=make_forward_step(device, cp_size),
-            data_iterator=data_iterator,  # one iterator per virtual pipeline stage
-            model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=num_microbatches,
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            decoder_seq_length=seq_length,
-            forward_only=True,
-        )
+            losses = _run_schedule(chunks, data_iterator, num_microbatches, seq_length,
+                               micro_batch_size, device, cp_size, forward_only=True)
     finally:
         for chunk in chunks:
             chunk.train()
