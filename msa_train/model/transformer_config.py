@@ -161,6 +161,11 @@ def build_transformer_config(
         fp16=dtype == torch.float16,
         pipeline_dtype=dtype,
         use_cpu_initialization=not torch.cuda.is_available(),
+        # Per-layer checkpoint keys (Megatron's spelling): MSA and full-attention layers carry
+        # different parameters, so stacking layers under one key fails to save. MoE models with
+        # a first-k-dense list already get per-layer keys; this makes every model (dense twins,
+        # non-MoE MSA models) use the same layout, so CPT from our dense checkpoints always loads.
+        hetereogenous_dist_checkpoint=True,
         msa_mode=attn_cfg.mode,
         msa_block_size=attn_cfg.block_size,
         msa_topk=attn_cfg.topk,

@@ -90,3 +90,19 @@ def test_two_ranks_with_distributed_optimizer_resume_exactly(tmp_path):
     assert losses_by_step(runs["resumed"]) == losses_by_step(runs["continuous"])
     assert_same_tensors(load_checkpoint_tensors(_final(tmp_path / "continuous"), tmp_path),
                         load_checkpoint_tensors(_final(tmp_path / "resumed"), tmp_path))
+
+
+def test_non_moe_model_mixing_msa_and_full_layers_saves_and_resumes_exactly(tmp_path):
+    """Without MoE, Megatron stacks layers under one checkpoint key unless told the layers differ;
+    MSA layers carry index weights that full-attention layers lack, so that save used to fail."""
+    dense_ffn = [*SMALL, "model.num_moe_experts=null"]
+    ref = tmp_path / "ref"
+    run_train([*dense_ffn, f"checkpoint.save={ref}/ckpt"], str(ref / "run"))
+    save = f"checkpoint.save={tmp_path}/ckpt"
+    run_dir = str(tmp_path / "run")
+    run_train([*dense_ffn, save, "train.max_steps_per_job=4"], run_dir)
+    resumed = run_train([*dense_ffn, save], run_dir)
+    assert "resume:" in resumed.stdout and "step 4" in resumed.stdout
+    assert losses_by_step(run_dir) == losses_by_step(str(ref / "run"))
+    assert_same_tensors(load_checkpoint_tensors(_final(ref), tmp_path),
+                        load_checkpoint_tensors(_final(tmp_path), tmp_path))
