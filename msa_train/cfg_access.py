@@ -13,3 +13,10 @@ def cfg_get(obj: Any, key: str, default: Any = None) -> Any:
     if isinstance(obj, Mapping):  # dict; DictConfig is a MutableMapping too
         return obj.get(key, default)
     return getattr(obj, key, default)
+
+
+def parallel_sizes(parallel: Any) -> tuple:
+    """(tp, pp, cp, ep, etp, vpp) of a parallel section; etp/vpp None when unset."""
+    return (int(cfg_get(parallel, "tp", 1)), int(cfg_get(parallel, "pp", 1)),
+            int(cfg_get(parallel, "cp", 1)), int(cfg_get(parallel, "ep", 1)),
+            cfg_get(parallel, "etp", None), cfg_get(parallel, "vpp", None))

@@ -7,7 +7,7 @@ import os
 from typing import Any, Optional
 
 import torch
-from msa_train.cfg_access import cfg_get as _get
+from msa_train.cfg_access import parallel_sizes
 
 
 def init_parallel(
@@ -32,12 +32,7 @@ def init_parallel(
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    tp = int(_get(parallel, "tp", 1))
-    pp = int(_get(parallel, "pp", 1))
-    cp = int(_get(parallel, "cp", 1))
-    ep = int(_get(parallel, "ep", 1))
-    etp = _get(parallel, "etp", None)
-    vpp = _get(parallel, "vpp", None)
+    tp, pp, cp, ep, etp, vpp = parallel_sizes(parallel)
 
     use_cuda = torch.cuda.is_available()
     if not torch.distributed.is_initialized():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from msa_train.model.config import MSA_MODES, AttentionConfig, ModelConfig
-from msa_train.cfg_access import cfg_get as _get
+from msa_train.cfg_access import cfg_get as _get, parallel_sizes
 
 
 @dataclass
@@ -97,12 +97,7 @@ def build_transformer_config(
     parallel: dict-like or object with tp, pp, cp, ep, etp (optional), vpp (optional),
     sequence_parallel. overrides: any TransformerConfig field (e.g. recompute settings).
     """
-    tp = int(_get(parallel, "tp", 1))
-    pp = int(_get(parallel, "pp", 1))
-    cp = int(_get(parallel, "cp", 1))
-    ep = int(_get(parallel, "ep", 1))
-    etp = _get(parallel, "etp", None)
-    vpp = _get(parallel, "vpp", None)
+    tp, pp, cp, ep, etp, vpp = parallel_sizes(parallel)
     sp = bool(_get(parallel, "sequence_parallel", tp > 1))
     dtype = _resolve_dtype(params_dtype)
     m = model_cfg
