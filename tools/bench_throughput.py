@@ -84,7 +84,27 @@ def _batches(vocab: int, seq: int, device, seed: int):
                "position_ids": torch.arange(seq, device=device)[None]}
 
 
-def measure(cfg, runtime, variant: str, warmup: int, steps: int) -> Dict:
+def _profile_step(step, path: str, cuda: bool) -> None:
+    """One extra step under torch.profiler: the kernel table tells where a slow configuration's
+    time goes (our Triton kernels vs SDPA vs the MoE GEMMs vs the optimizer) without a second run."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    avg = prof.key_averages()
+    key = "self_cpu_time_total"
+    if cuda:
+        key = "self_device_time_total" if hasattr(avg[0], "self_device_time_total") else "self_cuda_time_total"
+    with open(path, "w") as f:
+        f.write(avg.table(sort_by=key, row_limit=45, max_name_column_width=90))
+
+
+def measure(cfg, runtime, variant: str, warmup: int, steps: int,
+            profile_path: Optional[str] = None) -> Dict:
     import torch
 
     from msa_train.data import padded_vocab_size
@@ -130,6 +150,8 @@ def measure(cfg, runtime, variant: str, warmup: int, steps: int) -> Dict:
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
+        if profile_path:
+            _profile_step(step, profile_path, cuda)
     finally:
         mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         del objs
@@ -195,11 +217,15 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=["msa", "dense"], choices=["msa", "dense"])
     ap.add_argument("--json", default=None, help="write the raw results here")
     ap.add_argument("--markdown", default=None, help="write the results table here")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="also profile one extra step per configuration: DIR/profile_<variant>_<seq>.txt")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides (e.g. train.precision=fp32)")
     a = ap.parse_args(argv)
     if a.steps < 1 or a.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
     _ensure_importable()
+    if a.profile:
+        os.makedirs(a.profile, exist_ok=True)
 
     import torch
 
@@ -218,7 +244,9 @@ def main(argv=None) -> int:
             for variant in a.variants:
                 vcfg = cfg if variant == "msa" else _twin(cfg)
                 try:
-                    r = measure(vcfg, runtime, variant, a.warmup, a.steps)
+                    prof = (os.path.join(a.profile, f"profile_{variant}_{_seq_label(seq)}.txt")
+                            if a.profile else None)
+                    r = measure(vcfg, runtime, variant, a.warmup, a.steps, prof)
                 except Exception as e:  # e.g. OOM: record it, measure the other configurations
                     import traceback
 
