@@ -30,3 +30,12 @@ def ensure_interpreter_compat() -> None:
 
     interpreter._patch_lang_tensor = patched
     interpreter._msa_index_patched = True
+
+
+def fp32_products() -> bool:
+    """Whether fp32 tl.dot operands must multiply in IEEE fp32: torch's own switch for fp32 matmuls
+    decides (torch.set_float32_matmul_precision / torch.backends.cuda.matmul.allow_tf32; default
+    "highest" = fp32), so fp32 training means fp32 attention and index scores too."""
+    import torch
+
+    return torch.get_float32_matmul_precision() == "highest"

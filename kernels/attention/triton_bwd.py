@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E, BwdConfig, QTileSchedule, build_kv_units, check_shapes, dot_in_fp32,
+from .triton_common import (LOG2E, BwdConfig, QTileSchedule, build_kv_units, check_shapes, dot_mode,
                             mma, next_pow2)
 
 __all__ = ["sparse_attention_bwd", "dq_mode"]
@@ -44,7 +44,7 @@ def _sparse_bwd_kv_kernel(
     TOKENS, UNIT_GROUP, UNIT_ROW, UNIT_BEGIN, UNIT_END, QK_ROW,
     TK, sm_scale, qk_scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-    TM: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_DQ: tl.constexpr, DOT_FP32: tl.constexpr,
+    TM: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_DQ: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     unit = tl.program_id(0)
     sub = tl.program_id(1)
@@ -77,15 +77,15 @@ def _sparse_bwd_kv_kernel(
         delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
         # Transposed form (scores as [BLOCK_N, M]): the P^T / dS^T operands of the dV / dK products
         # stay in registers instead of going through a shared-memory transpose.
-        s_t = mma(k, tl.trans(q), DOT_FP32) * qk_scale  # [BLOCK_N, M], log2 units
+        s_t = mma(k, tl.trans(q), DOT_MODE) * qk_scale  # [BLOCK_N, M], log2 units
         visible = row_ok[None, :] & (k_row[:, None] <= qk_row[None, :])
         p_t = tl.where(visible, tl.math.exp2(s_t - lse[None, :]), 0.0)
-        dv += mma(p_t.to(do.dtype), do, DOT_FP32)  # [BLOCK_N, D]
-        dp_t = mma(v, tl.trans(do), DOT_FP32)  # [BLOCK_N, M]
+        dv += mma(p_t.to(do.dtype), do, DOT_MODE)  # [BLOCK_N, D]
+        dp_t = mma(v, tl.trans(do), DOT_MODE)  # [BLOCK_N, M]
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk += mma(ds_t, q, DOT_FP32)
+        dk += mma(ds_t, q, DOT_MODE)
         if WRITE_DQ:
-            dq = mma(tl.trans(ds_t), k, DOT_FP32) * sm_scale  # [M, D]
+            dq = mma(tl.trans(ds_t), k, DOT_MODE) * sm_scale  # [M, D]
             tl.atomic_add(DQ32 + q_off[:, None] + d[None, :], dq, mask=row_ok[:, None], sem="relaxed")
     out_ok = k_ok & (end > begin)  # empty units of the over-sized grid add nothing
     tl.atomic_add(DK32 + kv_off[:, None] + d[None, :], dk * sm_scale, mask=out_ok[:, None], sem="relaxed")
@@ -98,7 +98,7 @@ def _sparse_bwd_dq_kernel(
     TILE_BLOCKS, TILE_MASKS, TILE_COUNTS, QK_ROW,
     T, TK, NUM_TILES, STRIDE, sm_scale, qk_scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-    TM: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    TM: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """Deterministic dQ: Q-outer over the forward's union schedule, no atomics."""
     tile = tl.program_id(0)
@@ -135,12 +135,12 @@ def _sparse_bwd_dq_kernel(
         k_ok = k_row < TK
         k = tl.load(K + kv_off[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
         v = tl.load(V + kv_off[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
-        s = mma(q, tl.trans(k), DOT_FP32) * qk_scale
+        s = mma(q, tl.trans(k), DOT_MODE) * qk_scale
         visible = (picked & row_ok)[:, None] & (k_row[None, :] <= qk_row[:, None])
         p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = mma(do, tl.trans(v), DOT_FP32)
+        dp = mma(do, tl.trans(v), DOT_MODE)
         ds = p * (dp - delta[:, None])
-        dq += mma(ds.to(k.dtype), k, DOT_FP32)
+        dq += mma(ds.to(k.dtype), k, DOT_MODE)
     tl.store(DQ + q_off[:, None] + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -184,7 +184,7 @@ def sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, tiles: QTileSchedule, 
             units.tokens, units.unit_group, units.unit_block_row, units.unit_begin, units.unit_end, qk_rows,
             tk, scale, scale * LOG2E,
             HQ=hq, HKV=hkv, G=group, GP=gp, D=dim, TM=bcfg.tokens_per_step(group), BLOCK_N=block_n,
-            WRITE_DQ=mode == "atomic", DOT_FP32=dot_in_fp32(q.dtype), num_warps=bcfg.num_warps,
+            WRITE_DQ=mode == "atomic", DOT_MODE=dot_mode(q.dtype), num_warps=bcfg.num_warps,
             num_stages=bcfg.num_stages)
     if mode == "qouter":
         dq = torch.empty_like(q)
@@ -194,7 +194,7 @@ def sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, tiles: QTileSchedule, 
                 tiles.block_rows, tiles.token_masks, tiles.counts, qk_rows,
                 t, tk, tiles.num_tiles, tiles.stride, scale, scale * LOG2E,
                 HQ=hq, HKV=hkv, G=group, GP=gp, D=dim, TM=tiles.tokens_per_tile, BLOCK_KV=block_size,
-                BLOCK_N=min(bcfg.dq_block_n, block_size), DOT_FP32=dot_in_fp32(q.dtype),
+                BLOCK_N=min(bcfg.dq_block_n, block_size), DOT_MODE=dot_mode(q.dtype),
                 num_warps=bcfg.dq_num_warps, num_stages=bcfg.dq_num_stages)
     else:
         dq = dq32.to(q.dtype)

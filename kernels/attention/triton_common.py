@@ -25,13 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_compat import ensure_interpreter_compat, interpreting  # noqa: F401 (re-exported)
+from .._triton_compat import ensure_interpreter_compat, fp32_products, interpreting  # noqa: F401 (re-exported)
 from ..layout import VarlenLayout
 
 __all__ = ["QTileSchedule", "KVUnitSchedule", "query_key_rows", "block_key_rows",
            "build_q_tiles", "build_kv_units", "next_pow2",
            "LOG2E", "FwdConfig", "fwd_config", "BwdConfig", "bwd_config", "check_shapes", "default_scale",
-           "interpreting", "mma", "dot_in_fp32"]
+           "interpreting", "mma", "dot_mode"]
 
 LOG2E = 1.4426950408889634
 
@@ -267,15 +267,28 @@ def bwd_config(head_dim: int, group: int, block_size: int, interpret: bool = Fal
                      num_stages=2, chunk=512, dq_block_n=min(block_size, 64))
 
 
+# mma operand modes (a constexpr): the operands' own precision, the interpreter's bf16 upcast, or
+# IEEE fp32 for fp32 inputs.
+DOT_NATIVE, DOT_UPCAST, DOT_IEEE = 0, 1, 2
+
+
 @triton.jit
-def mma(a, b, IN_FP32: tl.constexpr):
-    """tl.dot with fp32 accumulation; IN_FP32 upcasts the operands first. Only the CPU interpreter sets
-    it: Triton 3.6's interpreter multiplies bfloat16 operands as raw bits (garbage results)."""
-    if IN_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+def mma(a, b, DOT_MODE: tl.constexpr):
+    """tl.dot with fp32 accumulation. DOT_UPCAST (CPU interpreter only: Triton 3.6's interpreter
+    multiplies bfloat16 operands as raw bits) and DOT_IEEE (fp32 inputs) multiply in full fp32;
+    DOT_NATIVE leaves bf16/fp16 operands as they are, and fp32 ones to Triton's TF32 default."""
+    if DOT_MODE == 1:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif DOT_MODE == 2:
+        return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
 
 
-def dot_in_fp32(dtype: torch.dtype) -> bool:
-    return interpreting() and dtype == torch.bfloat16
+def dot_mode(dtype: torch.dtype) -> int:
+    """fp32 inputs multiply in fp32 (TF32 only when torch's fp32 matmuls may use it)."""
+    if dtype == torch.float32:
+        return DOT_IEEE if fp32_products() else DOT_NATIVE
+    return DOT_UPCAST if interpreting() and dtype == torch.bfloat16 else DOT_NATIVE
+
+

@@ -19,7 +19,7 @@ from .naive import check_topk_ids
 from .triton_bwd import sparse_attention_bwd
 from .triton_common import (LOG2E, BwdConfig, FwdConfig, QTileSchedule, block_key_rows, build_q_tiles,
                             bwd_config, check_shapes, default_scale, ensure_interpreter_compat, fwd_config,
-                            dot_in_fp32, interpreting, mma, next_pow2, query_key_rows)
+                            dot_mode, interpreting, mma, next_pow2, query_key_rows)
 
 ensure_interpreter_compat()
 
@@ -32,7 +32,7 @@ def _sparse_fwd_kernel(
     TILE_BLOCKS, TILE_MASKS, TILE_COUNTS, QK_ROW,
     T, TK, NUM_TILES, STRIDE, qk_scale,  # qk_scale = softmax scale * log2(e)
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-    TM: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    TM: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     r = tl.program_id(1)
@@ -70,7 +70,7 @@ def _sparse_fwd_kernel(
         k_ok = k_row < TK
         k = tl.load(K + kv_off[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)  # [BLOCK_N, D]
         v = tl.load(V + kv_off[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
-        s = mma(q, tl.trans(k), DOT_FP32) * qk_scale  # [M, BLOCK_N], log2 units
+        s = mma(q, tl.trans(k), DOT_MODE) * qk_scale  # [M, BLOCK_N], log2 units
         visible = picked[:, None] & (k_row[None, :] <= qk_row[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -78,7 +78,7 @@ def _sparse_fwd_kernel(
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_FP32)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_MODE)
         m_i = m_new
 
     empty = l_i == 0.0  # rows that selected nothing: out = 0, lse = -inf (reference convention)
@@ -105,7 +105,7 @@ def sparse_attention_fwd(q, k, v, tiles: QTileSchedule, qk_rows: torch.Tensor, b
         t, k.shape[0], tiles.num_tiles, tiles.stride, scale * LOG2E,
         HQ=hq, HKV=hkv, G=group, GP=next_pow2(group), D=dim,
         TM=tm, BLOCK_KV=block_size, BLOCK_N=block_n,
-        DOT_FP32=dot_in_fp32(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_MODE=dot_mode(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
 

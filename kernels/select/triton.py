@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_compat import ensure_interpreter_compat
+from .._triton_compat import ensure_interpreter_compat, fp32_products
 
 __all__ = ["select_blocks_triton", "query_tile_table", "ensure_interpreter_compat"]
 
@@ -168,8 +168,11 @@ def pow2_at_least_16(n: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs are the exactness path (tests); tf32 would reorder near-ties.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # fp32 inputs multiply in fp32 (TF32 would also reorder top-k near-ties) unless torch's fp32
+    # matmuls may use TF32 (_triton_compat.fp32_products); bf16/fp16 operands ignore it.
+    if dtype == torch.float32 and fp32_products():
+        return "ieee"
+    return "tf32"
 
 
 # Tile / pipeline choice on Hopper (see kernels/BENCHMARKS_index.md for the measurements behind it).

@@ -287,6 +287,35 @@ def test_gpu_parity_other_configs(hq, hkv, dim, block, topk, dtype):
         assert_close(tri, ref, 1.5e-2)
 
 
+def test_fp32_inputs_multiply_in_fp32_unless_tf32_is_allowed():
+    """fp32 training must mean fp32 products (as in torch's own matmuls), TF32 only on opt-in."""
+    from msa_kernels.select.triton import dot_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert triton_common.dot_mode(torch.float32) == triton_common.DOT_IEEE
+        assert dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")  # = torch.backends.cuda.matmul.allow_tf32 = True
+        assert triton_common.dot_mode(torch.float32) == triton_common.DOT_NATIVE
+        assert dot_precision(torch.float32) == "tf32"
+        assert triton_common.dot_mode(torch.float16) == triton_common.DOT_NATIVE
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_fp32_matches_the_reference_to_fp32_precision(deterministic):
+    """With fp32 inputs (TF32 off, torch's default) forward and backward agree with the fp32
+    reference to ~1e-6, not to TF32's ~1e-3: the exact-parity checks of the parallel layouts rely on it."""
+    assert torch.get_float32_matmul_precision() == "highest"
+    q, k, v, topk_idx, layout, gen = make_case([1500, 2600], 16, 4, 128, 128, 16, torch.float32, seed=5,
+                                               force_block0=True)
+    tri, ref = run_both(q, k, v, topk_idx, layout, 128, gen, deterministic=deterministic)
+    assert_close(tri, ref, 2e-5)
+
+
 @pytest.mark.gpu
 def test_gpu_deterministic_is_bitwise_reproducible():
     q, k, v, topk_idx, layout, _ = make_case([5000, 3192], 64, 8, 128, 128, 16, torch.bfloat16, seed=9,

@@ -73,8 +73,8 @@ def test_layout_problems_mirror_trainer_rules(pv):
 def test_plan_two_gpus(pv, tmp_path):
     plan = small_plan(pv, tmp_path, 2)
     names = [r.name for r in plan.runs]
-    assert names == ["init", "ref", "ref_det", "tp2", "cp2", "ep2", "pp2", "tp2_to_cp2"]
-    assert [r.nproc for r in plan.runs] == [1, 1, 1, 2, 2, 2, 2, 2]
+    assert names == ["init", "ref", "ref_det", "ref_pert", "tp2", "cp2", "ep2", "pp2", "tp2_to_cp2"]
+    assert [r.nproc for r in plan.runs] == [1, 1, 1, 1, 2, 2, 2, 2, 2]
     init = plan.run("init")
     assert "train.lr=0.0" in init.overrides and "train.lr_warmup_steps=0" in init.overrides
     assert f"stage.warmup.tokens={2 * 8192}" in init.overrides and "stage.run=warmup" in init.overrides
@@ -85,6 +85,9 @@ def test_plan_two_gpus(pv, tmp_path):
         assert f"checkpoint.init_from={tmp_path / 'init_ckpt'}" in o
     assert "attention.deterministic=true" in plan.run("ref_det").overrides
     assert "attention.deterministic=false" in plan.run("ref").overrides
+    pert = pv.worker_command(plan.run("ref_pert"), python="py")
+    assert pert[6:10] == [str(SCRIPT), "worker", f"--perturb-init={2.0 ** -8!r}", "--"]
+    assert plan.run("ref_pert").overrides[-1] == "attention.deterministic=false"
     tp2 = plan.run("tp2")
     assert "checkpoint.save_interval=30" in tp2.overrides
     assert "parallel.sequence_parallel=true" in tp2.overrides
@@ -109,7 +112,8 @@ def test_vocab_padding_identical_at_every_tp(pv, tmp_path):
 
 def test_plan_four_gpus_and_explicit_choices(pv, tmp_path):
     plan = small_plan(pv, tmp_path, 4)
-    assert [r.name for r in plan.runs] == ["init", "ref", "ref_det", "tp2cp2", "pp2ep2", "tp2cp2_to_pp2ep2"]
+    assert [r.name for r in plan.runs] == ["init", "ref", "ref_det", "ref_pert", "tp2cp2", "pp2ep2",
+                                           "tp2cp2_to_pp2ep2"]
     assert plan.run("pp2ep2").layout.dp(4) == 2
     plan = small_plan(pv, tmp_path, 2, layouts=[pv.Layout(ep=2), pv.Layout(pp=5)], resume="ep2:tp2")
     assert [l.name for l in plan.layouts] == ["ep2"] and "PP5" in plan.skipped
@@ -132,7 +136,10 @@ def test_global_batch_covers_every_data_parallel_size(pv, tmp_path):
 def test_execution_order_and_budget(pv, tmp_path, monkeypatch):
     plan = small_plan(pv, tmp_path, 2)
     order = [[r.name for r in batch] for batch in pv.execution_order(plan)]
-    assert order == [["init"], ["ref", "ref_det"], ["tp2"], ["tp2_to_cp2"], ["cp2"], ["ep2"], ["pp2"]]
+    assert order == [["init"], ["ref", "ref_det"], ["ref_pert"], ["tp2"], ["tp2_to_cp2"], ["cp2"],
+                     ["ep2"], ["pp2"]]
+    four = [[r.name for r in batch] for batch in pv.execution_order(small_plan(pv, tmp_path, 4))]
+    assert four[1] == ["ref", "ref_det", "ref_pert"]  # side by side, one GPU each
 
     launched = []
 
@@ -147,8 +154,9 @@ def test_execution_order_and_budget(pv, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pv, "Launched", FakeLaunch)
     results = pv.execute(plan, timeout=100.0)
-    assert [n for n, _, _ in launched] == ["init", "ref", "ref_det", "tp2", "cp2", "ep2", "pp2"]
-    assert launched[1][1] == [0] and launched[2][1] == [1] and launched[3][1] is None
+    assert [n for n, _, _ in launched] == ["init", "ref", "ref_det", "ref_pert", "tp2", "cp2", "ep2", "pp2"]
+    assert launched[1][1] == [0] and launched[2][1] == [1] and launched[3][1] == [0]
+    assert launched[4][1] is None
     assert results["tp2_to_cp2"].rc is None and "tp2 did not finish" in results["tp2_to_cp2"].log
     launched.clear()
     results = pv.execute(plan, timeout=100.0, budget=10.0)  # < timeout / 4: nothing starts
@@ -278,6 +286,7 @@ def test_report_from_fake_runs(pv, tmp_path, tol):
     plan = small_plan(pv, tmp_path, 2)
     ref = _curve(50)
     curves = {"init": {1: ref[1]}, "ref": ref, "ref_det": _curve(50, noise=0.02, seed=1),
+              "ref_pert": _curve(50, noise=0.02, seed=5),
               "tp2": _curve(50, noise=0.02, seed=2), "cp2": _curve(50, noise=0.02, seed=3),
               "ep2": _curve(50, offset=0.3),  # a broken layout
               "tp2_to_cp2": {s: v for s, v in _curve(50, noise=0.02, seed=4).items() if s > 30}}
@@ -299,6 +308,7 @@ def test_report_from_fake_runs(pv, tmp_path, tol):
     assert runs["tp2"]["throughput"]["sparse/tokens_per_sec_per_gpu"] == 1000.0
     assert not report["passed"]
     md = pv.report_markdown(report)
+    assert "| ref_pert | single | 1 (1) | noise ref |" in md and "(ref_det, ref_pert)" in md
     assert "| ep2 | EP2 | 2 (2) | FAIL |" in md and "timed out (hang)" in md and "Overall: FAIL" in md
     pv.write_outputs(plan, report, tmp_path / "out")
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"report.json", "report.md", "metrics.tar.gz"}
@@ -361,3 +371,42 @@ def test_gloo_end_to_end_tp2_then_resume_at_cp2(tmp_path):
     assert resume["resumed_from_step"] == 2 and resume["steps_logged"] == 1
     assert resume["vs_source"]["max_abs_diff"] < 1e-4
     assert report["runs"]["tp2"]["vs_reference"]["max_abs_diff"] < 1e-4
+
+
+def test_tolerance_takes_the_widest_noise_reference(pv, tol):
+    """A layout whose forward numerics differ from step 1 (TP) is as noisy as a bf16-perturbed
+    rerun, not as a rerun with other backward atomics: it passes against the perturbed reference's
+    gap and fails against the atomics pair alone."""
+    preset = {"steps": 50, "resume_step": 30}
+    ref = _curve(50)
+    curves = {"ref": ref, "ref_det": _curve(50, noise=0.01, seed=1),
+              "ref_pert": _curve(50, noise=0.08, seed=2), "tp2": _curve(50, noise=0.08, seed=3)}
+    runs = {name: {"role": "reference" if name.startswith("ref") else "layout", "source": None,
+                   "finished": True, "run_problems": []} for name in curves}
+
+    def verdict(names):
+        report = {"preset": preset, "runs": {n: dict(runs[n]) for n in names},
+                  "curves": {n: {str(s): v for s, v in curves[n].items()} for n in names}}
+        return pv.evaluate(report, tol)
+
+    both = verdict(["ref", "ref_det", "ref_pert", "tp2"])
+    assert both["runs"]["tp2"]["passed"] and both["noise"]["references"] == ["ref_det", "ref_pert"]
+    assert not verdict(["ref", "ref_det", "tp2"])["runs"]["tp2"]["passed"]
+    # A broken layout stays broken whatever the noise references say.
+    curves["tp2"] = _curve(50, offset=0.3)
+    assert not verdict(["ref", "ref_det", "ref_pert", "tp2"])["runs"]["tp2"]["passed"]
+
+
+def test_perturb_init_moves_weights_by_about_one_bf16_step(pv, monkeypatch):
+    import torch
+
+    import msa_train.trainer.loop as loop
+
+    monkeypatch.setattr(loop, "load_weights", lambda directory, chunks, *a, **k: "report")
+    pv.perturb_loaded_weights(2.0 ** -8)
+    chunk = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    before = chunk.weight.detach().clone()
+    assert loop.load_weights("dir", [chunk]) == "report"
+    moved = (chunk.weight != before).float().mean().item()
+    rel = ((chunk.weight.float() - before.float()).abs() / before.float().abs().clamp_min(1e-6))
+    assert 0.2 < moved < 0.8 and rel.max().item() < 0.05  # about half move, by a step or two
