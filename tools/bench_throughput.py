@@ -10,8 +10,10 @@ no index branch, torch SDPA flash/cuDNN attention). The MSA model trains in the 
 Megatron DDP, distributed optimizer, bf16) on synthetic tokens, so the numbers are what training
 sees, minus the data loader.
 
-Per configuration: build, `--warmup` untimed steps (Triton autotuning, allocator), then `--steps`
-timed steps between CUDA synchronizations. Reported: tokens/s, TFLOP/s by msa_train.model.flops
+Per configuration: build, at least `--warmup` untimed steps and more until two consecutive steps
+agree within 10% (Triton compiles each kernel variant the first time a step takes its path; the
+allocator settles), then `--steps` timed steps, each between CUDA synchronizations (per-step times
+are in the JSON and the table, so a slow outlier is visible, not averaged away). Reported: tokens/s, TFLOP/s by msa_train.model.flops
 (MoE on active parameters, attention on the pairs computed; the twin's own dense count), MFU
 against the card's dense bf16 peak (none for an unknown card), the MSA model's dense-equivalent
 TFLOP/s, peak memory, and the MSA / twin tokens/s ratio per length. A configuration whose loss is
@@ -25,6 +27,7 @@ import gc
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from typing import Dict, List, Optional
@@ -103,8 +106,18 @@ def _profile_step(step, path: str, cuda: bool) -> None:
         f.write(avg.table(sort_by=key, row_limit=45, max_name_column_width=90))
 
 
+def _timed(step, cuda: bool):
+    import torch
+
+    t0 = time.perf_counter()
+    result = step()
+    if cuda:
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - t0
+
+
 def measure(cfg, runtime, variant: str, warmup: int, steps: int,
-            profile_path: Optional[str] = None) -> Dict:
+            profile_path: Optional[str] = None, max_warmup: int = 12, settle: float = 0.1) -> Dict:
     import torch
 
     from msa_train.data import padded_vocab_size
@@ -138,18 +151,22 @@ def measure(cfg, runtime, variant: str, warmup: int, steps: int,
                           num_microbatches=gbs, seq_length=seq, micro_batch_size=1,
                           global_batch_size=gbs, device=runtime.device, cp_size=1)
 
-    losses = []
+    losses, warm_times, times = [], [], []
     try:
-        for _ in range(warmup):
-            losses.append(step().lm_loss)
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        # Warm up until two consecutive steps agree within `settle`: a kernel path first taken a
+        # few steps in (the selection pattern changes as the indexer trains; Triton compiles each
+        # new kernel variant once, seconds each) must not land in the timed steps.
+        while len(warm_times) < max(warmup, 0) or (
+                len(warm_times) < max_warmup and len(warm_times) >= 2
+                and abs(warm_times[-1] - warm_times[-2]) > settle * warm_times[-1]):
+            result, dt = _timed(step, cuda)
+            losses.append(result.lm_loss)
+            warm_times.append(dt)
         for _ in range(steps):
-            losses.append(step().lm_loss)
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+            result, dt = _timed(step, cuda)
+            losses.append(result.lm_loss)
+            times.append(dt)
+        seconds = sum(times)
         if profile_path:
             _profile_step(step, profile_path, cuda)
     finally:
@@ -164,7 +181,9 @@ def measure(cfg, runtime, variant: str, warmup: int, steps: int,
             "seconds": seconds, "tokens_per_sec": tps, "flops_per_token": fpt.actual,
             "dense_equiv_flops_per_token": fpt.dense_equiv, "tflops": tps * fpt.actual / 1e12,
             "dense_equiv_tflops": tps * fpt.dense_equiv / 1e12, "max_mem_gib": mem,
-            "final_loss": losses[-1] if losses else None, "ok": ok}
+            "final_loss": losses[-1] if losses else None, "ok": ok,
+            "warmup_step_ms": [round(1e3 * t, 1) for t in warm_times],
+            "step_ms": [round(1e3 * t, 1) for t in times]}
 
 
 def _fmt(v, spec, none="-"):
@@ -179,10 +198,12 @@ def markdown(results: List[Dict], device: str, peak: Optional[float], meta: Dict
     lines = [f"Card: **{device}** (dense bf16 peak "
              f"{_fmt(peak, '.1f', 'unknown')} TFLOP/s). {meta['model']} model "
              f"({meta['params']}), attention={meta['attention']}, {meta['tokens_per_step']} "
-             f"tokens per step, {meta['warmup']} warmup + {meta['steps']} timed steps, "
+             f"tokens per step, >= {meta['warmup']} warmup steps (until two agree within 10%) + "
+             f"{meta['steps']} timed steps, "
              f"torch {meta['torch']}, triton {meta['triton']}.", "",
-             "| seq | model | tokens/s | TFLOP/s | MFU | dense-equiv TFLOP/s | peak mem GiB | "
-             "MSA / dense tokens/s |", "|---|---|---|---|---|---|---|---|"]
+             "| seq | model | tokens/s | step ms: median (min-max) | TFLOP/s | MFU | "
+             "dense-equiv TFLOP/s | peak mem GiB | MSA / dense tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     by = {(r["seq_len"], r["variant"]): r for r in results}
     for r in results:
         ratio = ""
@@ -197,12 +218,14 @@ def markdown(results: List[Dict], device: str, peak: Optional[float], meta: Dict
                 ratio = "n/a (a run failed)"
         name = "MSA (sparse stage)" if r["variant"] == "msa" else "dense-GQA twin"
         mfu_s = "-" if peak is None or not r["ok"] else f"{100 * r['tflops'] / peak:.1f}%"
-        lines.append(f"| {_seq_label(r['seq_len'])} | {name} | {r['tokens_per_sec']:,.0f} | "
+        ms = r.get("step_ms") or []
+        ms_s = f"{statistics.median(ms):.0f} ({min(ms):.0f}-{max(ms):.0f})" if ms else "-"
+        lines.append(f"| {_seq_label(r['seq_len'])} | {name} | {r['tokens_per_sec']:,.0f} | {ms_s} | "
                      f"{r['tflops']:.1f} | {mfu_s} | "
                      f"{r['dense_equiv_tflops']:.1f} | {_fmt(r['max_mem_gib'], '.1f')} | {ratio} |"
                      if r["ok"] else
                      f"| {_seq_label(r['seq_len'])} | {name} | FAILED "
-                     f"({r.get('error') or 'loss ' + str(r['final_loss'])}) | | | | | |")
+                     f"({r.get('error') or 'loss ' + str(r['final_loss'])}) | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -212,7 +235,8 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", default="paper", help="configs/attention entry")
     ap.add_argument("--seq", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--tokens-per-step", type=int, default=32768)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="untimed steps at least; more (up to 12) until two consecutive steps agree within 10%%")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--variants", nargs="+", default=["msa", "dense"], choices=["msa", "dense"])
     ap.add_argument("--json", default=None, help="write the raw results here")
