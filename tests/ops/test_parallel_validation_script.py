@@ -323,7 +323,11 @@ def test_report_from_fake_runs(pv, tmp_path, tol):
                   "--factor", "100", "--within", "0.8"])
     again = json.loads((out / "report.json").read_text())
     assert rc == 1 and again["tolerance"]["factor"] == 100.0
-    assert again["runs"]["ep2"]["passed"]  # 100 x the reference gap swallows the 0.3 offset
+    ep2 = again["runs"]["ep2"]["vs_reference"]
+    # 100 x the reference gap swallows the 0.3 offset in the band and the mean bound; a constant
+    # offset is still a one-signed drift, which the drift bound (the references' own signed mean) flags.
+    assert ep2["within_fraction"] >= 0.8 and ep2["mean_abs_diff"] < ep2["mean_abs_tol"]
+    assert ep2["reasons"] and all("systematic drift" in r for r in ep2["reasons"])
     assert not again["runs"]["pp2"]["passed"]  # a hang stays a failure at any tolerance
 
 
@@ -392,9 +396,14 @@ def test_tolerance_takes_the_widest_noise_reference(pv, tol):
     both = verdict(["ref", "ref_det", "ref_pert", "tp2"])
     assert both["runs"]["tp2"]["passed"] and both["noise"]["references"] == ["ref_det", "ref_pert"]
     assert not verdict(["ref", "ref_det", "tp2"])["runs"]["tp2"]["passed"]
-    # A broken layout stays broken whatever the noise references say.
+    # A broken layout stays broken whatever the noise references say, also a small steady bias
+    # that the widened band alone would let through: the drift bound stays tight.
     curves["tp2"] = _curve(50, offset=0.3)
     assert not verdict(["ref", "ref_det", "ref_pert", "tp2"])["runs"]["tp2"]["passed"]
+    curves["tp2"] = {s: v + 0.1 * s / 50 for s, v in ref.items()}  # learns ever slower
+    slow = verdict(["ref", "ref_det", "ref_pert", "tp2"])["runs"]["tp2"]["vs_reference"]
+    assert slow["mean_abs_diff"] < slow["mean_abs_tol"]  # the widened mean bound alone would pass it
+    assert not slow["passed"] and any("systematic drift" in r for r in slow["reasons"])
 
 
 def test_perturb_init_moves_weights_by_about_one_bf16_step(pv, monkeypatch):
