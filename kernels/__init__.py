@@ -19,6 +19,11 @@ indexer_kl(q, k, lse, q_idx, k_idx, topk_idx, cu_seqlens, block_size=128, *, sca
     -> fp32 scalar
 indexer_kl_dense(q, k, q_idx, k_idx, cu_seqlens, *, scale=None, index_scale=None, key_starts=None,
                  key_lens=None, lse=None, reduction="mean", deterministic=False) -> fp32 scalar
+sparse_attention_and_kl(q, k, v, topk_idx, q_idx, k_idx, cu_seqlens, block_size=128, *, scale=None,
+                        index_scale=None, key_starts=None, key_lens=None, reduction="mean",
+                        deterministic=False) -> (out, lse, fp32 scalar)
+    = sparse_attention(...) then indexer_kl(q.detach(), k.detach(), lse.detach(), ...), in one
+    autograd node on Triton so the KL's key gradient rides along the attention backward.
 
 Backend dispatch
 ----------------
@@ -48,6 +53,9 @@ msa_kernels.attention.triton_fwd.sparse_attention_triton(
 msa_kernels.kl.triton.indexer_kl_triton(
         q, k, lse, q_idx, k_idx, topk_idx, layout, *, block_size: int, scale: float,
         index_scale: float, reduction: str, deterministic: bool) -> float32 scalar
+msa_kernels.kl.fused.sparse_attention_kl_triton(
+        q, k, v, topk_idx, q_idx, k_idx, layout, *, block_size, scale, index_scale, reduction,
+        deterministic) -> (out, lse, float32 scalar)
 msa_kernels.kl.triton.indexer_kl_dense_triton(
         q, k, q_idx, k_idx, layout, *, scale: float, index_scale: float, lse: Optional[Tensor],
         reduction: str, deterministic: bool) -> float32 scalar
@@ -66,7 +74,7 @@ import torch
 from .layout import VarlenLayout, cached_layout, check_tensor, make_layout
 
 __all__ = [
-    "select_blocks", "sparse_attention", "indexer_kl", "indexer_kl_dense",
+    "select_blocks", "sparse_attention", "indexer_kl", "indexer_kl_dense", "sparse_attention_and_kl",
     "VarlenLayout", "make_layout", "backend_for",
 ]
 
@@ -302,3 +310,40 @@ def indexer_kl_dense(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_id
         from .kl.naive import indexer_kl_dense_ref
         impl = indexer_kl_dense_ref
     return impl(q, k, q_idx, k_idx, layout, **opts)
+
+
+def sparse_attention_and_kl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk_idx: torch.Tensor,
+                            q_idx: torch.Tensor, k_idx: torch.Tensor, cu_seqlens: torch.Tensor,
+                            block_size: int = 128, *, scale: Optional[float] = None,
+                            index_scale: Optional[float] = None, key_starts: Optional[torch.Tensor] = None,
+                            key_lens: Optional[torch.Tensor] = None, reduction: str = "mean",
+                            deterministic: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sparse stage's main branch and KL together: :func:`sparse_attention` (autograd to q, k, v)
+    and :func:`indexer_kl` of its own probabilities (teacher detached; autograd to q_idx, k_idx).
+
+    Returns (out, lse, kl). Same values and gradients as the two calls
+    ``out, lse = sparse_attention(...)``; ``indexer_kl(q.detach(), k.detach(), lse.detach(), ...)``;
+    on Triton one autograd node computes the KL's key gradient inside the attention backward, which
+    already recomputes every head's probabilities (the KL teacher), instead of a second pass.
+    """
+    t, hq, hkv, d = _check_main(q, k)
+    check_tensor(v, "v", tuple(k.shape), device=q.device)
+    if v.dtype != q.dtype:
+        raise TypeError(f"v dtype {v.dtype} must match q dtype {q.dtype}")
+    _check_index(q_idx, k_idx, hkv, t, k.shape[0], q.device)
+    _check_topk(topk_idx, hkv, t, q.device)
+    block_size = _check_block_size(block_size)
+    opts = dict(block_size=block_size, scale=_scale(scale, d, "scale"),
+                index_scale=_scale(index_scale, q_idx.shape[2], "index_scale"),
+                reduction=_check_reduction(reduction), deterministic=bool(deterministic))
+    layout = _layout(cu_seqlens, key_starts, key_lens, t, k.shape[0], q.device)
+    impl = _dispatch(q, "kl.fused", "sparse_attention_kl_triton")
+    if impl is not None:
+        return impl(q, k, v, topk_idx, q_idx, k_idx, layout, **opts)
+    from .attention.naive import sparse_attention_ref
+    from .kl.naive import indexer_kl_ref
+
+    out, lse = sparse_attention_ref(q, k, v, topk_idx, layout, block_size=block_size, scale=opts["scale"],
+                                    deterministic=opts["deterministic"])
+    kl = indexer_kl_ref(q.detach(), k.detach(), lse.detach(), q_idx, k_idx, topk_idx, layout, **opts)
+    return out, lse, kl

@@ -11,8 +11,18 @@ Backward plan:
    tokens share blocks): ``dq_mode`` picks per call.
 4. Deterministic mode: one unit per (group, block) (so every dK/dV element gets a single add onto
    zero) and the Q-outer dQ pass.
+5. Fused indexer-KL key gradient (``kl`` argument, msa_kernels.kl.fused): the KV pass already holds
+   every head's probability p of its (key, query) pairs, i.e. the KL teacher. With the student
+   logits t = q_idx . k_idx * index_scale and the student LSE / teacher mass from the KL forward,
+   d KL / d t = Q * psum - mean_g p. Rows are (token, head), so the head mean comes out of the MMA
+   itself: each head row carries its token's q_idx and (Q * psum - p_g) / G, and summing the rows
+   of dk_idx += dS_kl^T q_idx over the heads gives the mean (no head reshape). Saves the separate
+   KL key pass that recomputed the teacher.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -21,7 +31,19 @@ import triton.language as tl
 from .triton_common import (LOG2E, BwdConfig, QTileSchedule, build_kv_units, check_shapes, dot_mode,
                             mma, next_pow2)
 
-__all__ = ["sparse_attention_bwd", "dq_mode"]
+__all__ = ["sparse_attention_bwd", "dq_mode", "KLKeyGrad"]
+
+
+@dataclass
+class KLKeyGrad:
+    """Inputs of the fused indexer-KL key gradient (see 5. above). lses / psum: [Hkv, T] fp32 student
+    LSE (natural log) and teacher mass on each (group, token)'s support, from the KL forward."""
+
+    q_idx: torch.Tensor  # [T, Hkv, Di], q's dtype
+    k_idx: torch.Tensor  # [Tk, Di]
+    lses: torch.Tensor
+    psum: torch.Tensor
+    index_scale: float
 
 
 @triton.jit
@@ -43,8 +65,11 @@ def _sparse_bwd_kv_kernel(
     Q, K, V, DO, LSE, DELTA, DQ32, DK32, DV32,  # DQ32 [T, HQ, D], DK32/DV32 [Tk, HKV, D] fp32
     TOKENS, UNIT_GROUP, UNIT_ROW, UNIT_BEGIN, UNIT_END, QK_ROW,
     TK, sm_scale, qk_scale,
+    QI, KI, LSES, PSUM, DKI32,  # KL: q_idx [T, HKV, DI], k_idx [Tk, DI], lses/psum [HKV, T], DKI32 fp32
+    T, stride_dkih, iscale2,  # DKI32 group stride (0: one shared [Tk, DI] buffer); iscale * log2(e)
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     TM: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_DQ: tl.constexpr, DOT_MODE: tl.constexpr,
+    WITH_KL: tl.constexpr, DI: tl.constexpr,
 ):
     unit = tl.program_id(0)
     sub = tl.program_id(1)
@@ -64,6 +89,10 @@ def _sparse_bwd_kv_kernel(
     tm = rows // GP
     g = rows % GP
     head = r * G + g
+    if WITH_KL:
+        e = tl.arange(0, DI)
+        ki = tl.load(KI + k_row.to(tl.int64)[:, None] * DI + e[None, :], mask=k_ok[:, None], other=0.0)
+        dki = tl.zeros([BLOCK_N, DI], dtype=tl.float32)
     for start in range(begin, end, TM):
         idx = start + tm
         tok = tl.load(TOKENS + idx, mask=idx < end, other=-1)  # -1: padding / repeated pick
@@ -87,9 +116,23 @@ def _sparse_bwd_kv_kernel(
         if WRITE_DQ:
             dq = mma(tl.trans(ds_t), k, DOT_MODE) * sm_scale  # [M, D]
             tl.atomic_add(DQ32 + q_off[:, None] + d[None, :], dq, mask=row_ok[:, None], sem="relaxed")
+        if WITH_KL:
+            # Each head row repeats its token's q_idx: the MMA's sum over rows is the head mean.
+            qi = tl.load(QI + ((tok.to(tl.int64) * HKV + r) * DI)[:, None] + e[None, :],
+                         mask=row_ok[:, None], other=0.0)  # [M, DI]
+            st_off = r.to(tl.int64) * T + tok
+            lses = tl.load(LSES + st_off, mask=row_ok, other=0.0) * 1.4426950408889634
+            psum = tl.load(PSUM + st_off, mask=row_ok, other=0.0)
+            t_t = mma(ki, tl.trans(qi), DOT_MODE) * iscale2  # [BLOCK_N, M] student logits, log2 units
+            q_t = tl.where(visible, tl.math.exp2(t_t - lses[None, :]), 0.0)
+            ds_kl = (q_t * psum[None, :] - p_t).to(qi.dtype)  # x 1/G and index_scale outside
+            dki += mma(ds_kl, qi, DOT_MODE)
     out_ok = k_ok & (end > begin)  # empty units of the over-sized grid add nothing
     tl.atomic_add(DK32 + kv_off[:, None] + d[None, :], dk * sm_scale, mask=out_ok[:, None], sem="relaxed")
     tl.atomic_add(DV32 + kv_off[:, None] + d[None, :], dv, mask=out_ok[:, None], sem="relaxed")
+    if WITH_KL:
+        tl.atomic_add(DKI32 + r * stride_dkih + k_row.to(tl.int64)[:, None] * DI + e[None, :], dki,
+                      mask=out_ok[:, None], sem="relaxed")
 
 
 @triton.jit
@@ -158,9 +201,10 @@ def dq_mode(bcfg: BwdConfig, tiles: QTileSchedule, blk_rows: torch.Tensor) -> st
 
 def sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, tiles: QTileSchedule, blk_rows: torch.Tensor,
                          qk_rows: torch.Tensor, block_size: int, scale: float, deterministic: bool,
-                         bcfg: BwdConfig, max_blocks: int):
-    """Gradients (dq, dk, dv) in the input dtype. max_blocks: upper bound on the key blocks of all
-    sequences (sizes the KV-unit grid without a host sync)."""
+                         bcfg: BwdConfig, max_blocks: int, kl: Optional[KLKeyGrad] = None):
+    """Gradients (dq, dk, dv) in the input dtype, plus, with ``kl``, the KL sum's gradient w.r.t.
+    k_idx as fp32 [Tk, Di] (else None). max_blocks: upper bound on the key blocks of all sequences
+    (sizes the KV-unit grid without a host sync)."""
     t, hq, hkv, dim, group = check_shapes(q, k, v, block_size)
     tk = k.shape[0]
     d_out = d_out.contiguous()
@@ -178,14 +222,22 @@ def sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, tiles: QTileSchedule, 
     dk32 = torch.zeros((tk, hkv, dim), dtype=torch.float32, device=q.device)
     dv32 = torch.zeros_like(dk32)
     dq32 = torch.zeros((t, hq, dim), dtype=torch.float32, device=q.device) if mode == "atomic" else None
+    dki32 = None
+    if kl is not None:
+        # Deterministic: one buffer per group (each element gets one add), summed in a fixed order.
+        dki32 = torch.zeros((hkv if deterministic else 1, tk, kl.k_idx.shape[1]), dtype=torch.float32,
+                            device=q.device)
     if units.num_units:
+        kl_args = ((kl.q_idx, kl.k_idx, kl.lses, kl.psum, dki32, t, tk * kl.k_idx.shape[1] if deterministic else 0,
+                    kl.index_scale * LOG2E) if kl is not None else (dk32,) * 5 + (t, 0, 0.0))
         _sparse_bwd_kv_kernel[(units.num_units, block_size // block_n)](
             q, k, v, d_out, lse, delta, dq32 if dq32 is not None else dk32, dk32, dv32,
             units.tokens, units.unit_group, units.unit_block_row, units.unit_begin, units.unit_end, qk_rows,
-            tk, scale, scale * LOG2E,
+            tk, scale, scale * LOG2E, *kl_args,
             HQ=hq, HKV=hkv, G=group, GP=gp, D=dim, TM=bcfg.tokens_per_step(group), BLOCK_N=block_n,
             WRITE_DQ=mode == "atomic", DOT_MODE=dot_mode(q.dtype), num_warps=bcfg.num_warps,
-            num_stages=bcfg.num_stages)
+            num_stages=bcfg.num_stages, WITH_KL=kl is not None,
+            DI=kl.k_idx.shape[1] if kl is not None else 16)
     if mode == "qouter":
         dq = torch.empty_like(q)
         if t:
@@ -198,4 +250,7 @@ def sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, tiles: QTileSchedule, 
                 num_warps=bcfg.dq_num_warps, num_stages=bcfg.dq_num_stages)
     else:
         dq = dq32.to(q.dtype)
-    return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+    dk_idx = None
+    if dki32 is not None:
+        dk_idx = dki32.sum(0) * (kl.index_scale / group)  # the head mean's 1/G, d t / d k_idx
+    return dq, dk32.to(k.dtype), dv32.to(v.dtype), dk_idx

@@ -23,7 +23,7 @@ from .triton_common import (LOG2E, BwdConfig, FwdConfig, QTileSchedule, block_ke
 
 ensure_interpreter_compat()
 
-__all__ = ["sparse_attention_triton", "sparse_attention_fwd"]
+__all__ = ["sparse_attention_triton", "sparse_attention_fwd", "check_sparse_inputs"]
 
 
 @triton.jit
@@ -110,6 +110,19 @@ def sparse_attention_fwd(q, k, v, tiles: QTileSchedule, qk_rows: torch.Tensor, b
     return out, lse
 
 
+def check_sparse_inputs(q, k, v, topk_idx, layout: VarlenLayout, block_size: int) -> None:
+    t, hq, hkv, dim, group = check_shapes(q, k, v, block_size)
+    if topk_idx.dim() != 3 or topk_idx.shape[0] != hkv or topk_idx.shape[1] != t:
+        raise ValueError(f"topk_idx must be [Hkv={hkv}, T={t}, topk], got {list(topk_idx.shape)}")
+    if topk_idx.dtype != torch.int32:
+        raise TypeError(f"topk_idx must be int32, got {topk_idx.dtype}")
+    if layout.total_q != t or layout.total_k != k.shape[0]:
+        raise ValueError(f"layout covers {layout.total_q} queries / {layout.total_k} keys but q has {t} rows "
+                         f"and k has {k.shape[0]}")
+    check_topk_ids(topk_idx, layout, block_size)
+    ensure_interpreter_compat()
+
+
 class _SparseAttentionTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, topk_idx, layout, block_size, scale, deterministic, fcfg, bcfg):
@@ -133,8 +146,8 @@ class _SparseAttentionTriton(torch.autograd.Function):
             d_out = torch.zeros_like(out)
         if d_lse is not None:
             d_lse = d_lse.contiguous().float()
-        dq, dk, dv = sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, ctx.tiles, blk_rows, qk_rows,
-                                          block_size, scale, deterministic, bcfg, max_blocks)
+        dq, dk, dv, _ = sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, ctx.tiles, blk_rows, qk_rows,
+                                             block_size, scale, deterministic, bcfg, max_blocks)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -147,15 +160,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
     differentiable in q, k, v (and lse's gradient flows back through the scores).
     deterministic=True: bitwise-reproducible gradients (no dQ atomics; one KV unit per block)."""
     t, hq, hkv, dim, group = check_shapes(q, k, v, block_size)
-    if topk_idx.dim() != 3 or topk_idx.shape[0] != hkv or topk_idx.shape[1] != t:
-        raise ValueError(f"topk_idx must be [Hkv={hkv}, T={t}, topk], got {list(topk_idx.shape)}")
-    if topk_idx.dtype != torch.int32:
-        raise TypeError(f"topk_idx must be int32, got {topk_idx.dtype}")
-    if layout.total_q != t or layout.total_k != k.shape[0]:
-        raise ValueError(f"layout covers {layout.total_q} queries / {layout.total_k} keys but q has {t} rows "
-                         f"and k has {k.shape[0]}")
-    check_topk_ids(topk_idx, layout, block_size)
-    ensure_interpreter_compat()
+    check_sparse_inputs(q, k, v, topk_idx, layout, block_size)
     interp = interpreting()
     fcfg = fwd_cfg or fwd_config(dim, group, block_size, interp)
     bcfg = bwd_cfg or bwd_config(dim, group, block_size, interp)

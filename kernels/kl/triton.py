@@ -557,6 +557,23 @@ def _union_waste(blk_rows, sched) -> float:
     return float(sched.counts.sum()) * sched.tokens_per_tile / max(1, picks)
 
 
+def union_schedule_or_none(topk_idx, layout, block_size, device, deterministic: bool,
+                           max_waste: Optional[float] = None):
+    """The union-tile schedule when the KL takes the union forward, else None (all-KV-outer path).
+
+    Neighbouring tokens that share blocks (local + shared long-range patterns) make the union
+    forward nearly waste-free and spare the backward its dq_idx atomics; near-random selections blow
+    the union up (~16x), so those take the all-KV-outer path. The deterministic mode always takes
+    the union forward (no atomics)."""
+    if deterministic:
+        return _union_schedule(topk_idx, layout, block_size, device)
+    max_waste = _cfg(device)["union_max_waste"] if max_waste is None else max_waste
+    if max_waste <= 0:
+        return None
+    schedule = _union_schedule(topk_idx, layout, block_size, device)
+    return schedule if _union_waste(*schedule) <= max_waste else None
+
+
 def _sparse_forward(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size, scale, iscale, want_dq,
                     schedule=None):
     t, hq, hkv, d, di, g = _check_kernel_limits(q, k, q_idx, k_idx)
@@ -731,19 +748,10 @@ def indexer_kl_triton(q, k, lse, q_idx, k_idx, topk_idx, layout: VarlenLayout, *
         raise ValueError(f"block_size={block_size} exceeds the Triton KL tile (<= 256)")
     q, k, q_idx, k_idx = _last_contig(q.detach(), k.detach(), q_idx, k_idx)
     lse = lse.detach().float()
-    schedule = None
-    if not deterministic:
-        # Neighbouring tokens that share blocks (local + shared long-range patterns) make the union
-        # forward nearly waste-free and spare the backward its dq_idx atomics; near-random
-        # selections blow the union up (~16x), so those take the all-KV-outer path.
-        max_waste = _cfg(q.device)["union_max_waste"]
-        if max_waste > 0:
-            schedule = _union_schedule(topk_idx, layout, block_size, q.device)
-            if _union_waste(*schedule) > max_waste:
-                schedule = None
-        if schedule is None:
-            return _IndexerKLTritonAtomic.apply(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size,
-                                                float(scale), float(index_scale), reduction)
+    schedule = union_schedule_or_none(topk_idx, layout, block_size, q.device, deterministic)
+    if schedule is None:
+        return _IndexerKLTritonAtomic.apply(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size,
+                                            float(scale), float(index_scale), reduction)
     return _IndexerKLTriton.apply(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size, float(scale),
                                   float(index_scale), reduction, bool(deterministic), schedule)
 

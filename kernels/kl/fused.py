@@ -1,0 +1,103 @@
+"""Sparse attention + sparse-stage indexer KL in one autograd node (Triton).
+
+Unfused, the KL backward runs its own KV-outer pass that recomputes every head's probability of
+every selected (query, key) pair: the teacher. The sparse-attention backward computes exactly these
+probabilities in its own KV-outer pass, so the fused node hands the KL's key gradient to that pass
+(msa_kernels.attention.triton_bwd, item 5). The KL forward (student LSE, teacher mass, KL value and
+the query gradient, eagerly, over union tiles) is unchanged: msa_kernels.kl.triton._sparse_forward.
+
+Fusion needs the union-tile KL forward; selections whose tile unions blow up (near-random) keep the
+unfused all-KV-outer KL, as ``indexer_kl_triton`` decides. Results equal the two separate ops up to
+float summation order (tests/kernels/test_fused_kl_triton.py).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..attention.triton_bwd import KLKeyGrad, sparse_attention_bwd
+from ..attention.triton_common import (block_key_rows, build_q_tiles, bwd_config, check_shapes, fwd_config,
+                                       interpreting, query_key_rows)
+from ..attention.triton_fwd import check_sparse_inputs, sparse_attention_fwd, sparse_attention_triton
+from ..layout import VarlenLayout
+from .triton import _norm, _sparse_forward, indexer_kl_triton, union_schedule_or_none
+
+__all__ = ["sparse_attention_kl_triton"]
+
+
+class _SparseAttentionKLTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, q_idx, k_idx, topk_idx, layout, block_size, scale, iscale, reduction,
+                deterministic, fcfg, bcfg, kl_schedule):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q_idx, k_idx = q_idx.contiguous(), k_idx.contiguous()
+        group = q.shape[1] // k.shape[1]
+        qk_rows = query_key_rows(layout)
+        blk_rows = block_key_rows(topk_idx, layout, block_size)
+        tiles = build_q_tiles(blk_rows, fcfg.tokens_per_tile(group))
+        out, lse = sparse_attention_fwd(q, k, v, tiles, qk_rows, block_size, scale, fcfg)
+        want_idx = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        kl, lses, psum, dq_idx, _, _ = _sparse_forward(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size,
+                                                       scale, iscale, want_idx, kl_schedule)
+        norm = _norm(layout, k.shape[1], reduction)
+        ctx.save_for_backward(q, k, v, out, lse, blk_rows, qk_rows, q_idx, k_idx, lses, psum,
+                              dq_idx if want_idx else lses)
+        ctx.tiles = tiles
+        max_blocks = sum(-(-fr.k_len // block_size) for fr in layout.fragments)
+        ctx.args = (block_size, scale, iscale, norm, deterministic, bcfg, max_blocks, want_idx)
+        return out, lse, (kl.sum(dtype=torch.float64) * norm).to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse, d_kl):
+        q, k, v, out, lse, blk_rows, qk_rows, q_idx, k_idx, lses, psum, dq_idx = ctx.saved_tensors
+        block_size, scale, iscale, norm, deterministic, bcfg, max_blocks, want_idx = ctx.args
+        if d_out is None:
+            d_out = torch.zeros_like(out)
+        if d_lse is not None:
+            d_lse = d_lse.contiguous().float()
+        with_kl = want_idx and d_kl is not None
+        kl = KLKeyGrad(q_idx, k_idx, lses, psum, iscale) if with_kl and ctx.needs_input_grad[4] else None
+        dq, dk, dv, dki = sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, ctx.tiles, blk_rows, qk_rows,
+                                               block_size, scale, deterministic, bcfg, max_blocks, kl)
+        d_qi = d_ki = None
+        if with_kl:
+            coef = d_kl.float() * norm
+            if ctx.needs_input_grad[3]:
+                d_qi = (dq_idx * coef).to(q_idx.dtype)
+            if dki is not None:
+                d_ki = (dki * coef).to(k_idx.dtype)
+        return dq, dk, dv, d_qi, d_ki, None, None, None, None, None, None, None, None, None, None
+
+
+def _fusable(q: torch.Tensor, q_idx: torch.Tensor, block_size: int) -> bool:
+    di = q_idx.shape[2]
+    return (q_idx.dtype == q.dtype and 16 <= di <= 256 and di & (di - 1) == 0 and block_size <= 256)
+
+
+def sparse_attention_kl_triton(q, k, v, topk_idx, q_idx, k_idx, layout: VarlenLayout, *, block_size: int,
+                               scale: float, index_scale: float, reduction: str = "mean",
+                               deterministic: bool = False, max_union_waste: Optional[float] = None):
+    """(out [T, Hq, D], lse [T, Hq] fp32, KL scalar): sparse_attention_triton followed by
+    indexer_kl_triton(q.detach(), k.detach(), lse.detach(), ...), with the KL's key gradient computed
+    inside the attention backward when the union-tile KL forward applies. max_union_waste overrides
+    the KL's union threshold (tests force the fused path with inf)."""
+    check_sparse_inputs(q, k, v, topk_idx, layout, block_size)
+    schedule = None
+    if _fusable(q, q_idx, block_size):
+        schedule = union_schedule_or_none(topk_idx, layout, block_size, q.device, deterministic,
+                                          max_union_waste)
+    if schedule is None:
+        out, lse = sparse_attention_triton(q, k, v, topk_idx, layout, block_size=block_size, scale=scale,
+                                           deterministic=deterministic)
+        kl = indexer_kl_triton(q.detach(), k.detach(), lse.detach(), q_idx, k_idx, topk_idx, layout,
+                               block_size=block_size, scale=scale, index_scale=index_scale,
+                               reduction=reduction, deterministic=deterministic)
+        return out, lse, kl
+    t, hq, hkv, dim, group = check_shapes(q, k, v, block_size)
+    interp = interpreting()
+    fcfg = fwd_config(dim, group, block_size, interp)
+    bcfg = bwd_config(dim, group, block_size, interp)
+    return _SparseAttentionKLTriton.apply(q, k, v, q_idx, k_idx, topk_idx, layout, block_size, float(scale),
+                                          float(index_scale), reduction, bool(deterministic), fcfg, bcfg,
+                                          schedule)
