@@ -209,7 +209,41 @@ def check_parity(args, device) -> Dict[str, str]:
              "dq_idx": _rel(qi2.grad, qi3.grad), "dk_idx": _rel(ki2.grad, ki3.grad)}
     status["indexer_kl"] = "ok" if max(kerrs.values()) < 2e-2 else f"FAIL {kerrs}"
     status["kl_detail"] = " ".join(f"{n}={e:.1e}" for n, e in kerrs.items())
+
+    status.update(_fused_parity(args, device))
     return status
+
+
+def _fused_parity(args, device) -> Dict[str, str]:
+    """sparse_attention_and_kl vs the two references, on a realistic ("mix") selection so that the
+    fused node (not its unfused fallback for near-random selections) is what gets checked."""
+    import msa_kernels as mk
+    from msa_kernels.attention.naive import sparse_attention_ref
+    from msa_kernels.kl.naive import indexer_kl_ref
+
+    hq, hkv, d, di, bs, k = args.hq, args.hkv, args.dim, args.index_dim, args.block_size, args.topk
+    t = args.parity_len
+    cu = torch.tensor([0, t], dtype=torch.int32, device=device)
+    lay = mk.make_layout(cu, total_keys=t)
+    g = torch.Generator(device=device).manual_seed(4321)
+    sel = make_pattern("mix", t, hkv, k, bs, device, seed=11)
+    shapes = ((t, hq, d), (t, hkv, d), (t, hkv, d), (t, hkv, di), (t, di))
+    xs = [torch.randn(s, generator=g, device=device, dtype=torch.bfloat16).requires_grad_() for s in shapes]
+    go = torch.randn(shapes[0], generator=g, device=device, dtype=torch.bfloat16)
+    out, lse, kl = mk.sparse_attention_and_kl(xs[0], xs[1], xs[2], sel, xs[3], xs[4], cu, bs)
+    node = type(out.grad_fn).__name__
+    torch.autograd.backward([out, kl], [go, torch.ones_like(kl)])
+    rs = [x.detach().float().requires_grad_() for x in xs]
+    rout, rlse = sparse_attention_ref(rs[0], rs[1], rs[2], sel, lay, block_size=bs, scale=d ** -0.5)
+    rkl = indexer_kl_ref(rs[0].detach(), rs[1].detach(), rlse.detach(), rs[3], rs[4], sel, lay, block_size=bs,
+                         scale=d ** -0.5, index_scale=di ** -0.5)
+    torch.autograd.backward([rout, rkl], [go.float(), torch.ones_like(rkl)])
+    errs = {"out": _rel(out, rout), "lse": _rel(lse, rlse),
+            "kl": abs(kl.item() - rkl.item()) / max(abs(rkl.item()), 1e-6),
+            **{n: _rel(a.grad, b.grad) for n, a, b in zip(("dq", "dk", "dv", "dq_idx", "dk_idx"), xs, rs)}}
+    fused_ran = node == "_SparseAttentionKLTritonBackward" or device.type != "cuda"
+    return {"fused": "ok" if max(errs.values()) < 2e-2 and fused_ran else f"FAIL {node} {errs}",
+            "fused_detail": f"{node}: " + " ".join(f"{n}={e:.1e}" for n, e in errs.items())}
 
 
 def bench_length(args, t: int, res: Results, device) -> None:
@@ -312,6 +346,25 @@ def bench_length(args, t: int, res: Results, device) -> None:
             note = ", ".join(f"{dense[n] / layer_ms:.2f}x vs dense {n} fwd+bwd" for n in dense)
         res.add(Row(t, pattern, "MSA layer (select+fwd+bwd+KL)", layer_ms, None,
                     "ok" if layer_ok else "FAIL", note))
+
+        # The same layer with the fused attention + KL node (msa_kernels.sparse_attention_and_kl).
+        fused_node = []
+
+        def fused_step():
+            o, _, kl = mk.sparse_attention_and_kl(q, kk, v, sel, qi, ki, cu, bs)
+            fused_node[:] = [type(o.grad_fn).__name__]
+            torch.autograd.backward([o, kl], [go, torch.ones_like(kl)], inputs=[q, kk, v, qi, ki])
+        fused_ms = time_ms(fused_step, budget_ms=budget)
+        for x in (q, kk, v, qi, ki):
+            x.grad = None
+        fused_layer = sel_ms + fused_ms
+        f_ok = layer_ok and ok("fused") == "ok"
+        note = "parity failed: no speedup reported"
+        if f_ok:
+            note = (", ".join(f"{dense[n] / fused_layer:.2f}x vs dense {n} fwd+bwd" for n in dense)
+                    + f"; {layer_ms / fused_layer:.2f}x vs unfused; node {fused_node[0] if fused_node else '?'}")
+        res.add(Row(t, pattern, "MSA layer, fused attention+KL (select + fused fwd+bwd)", fused_layer, None,
+                    "ok" if f_ok else "FAIL", note))
         if args.flex:
             flex_row(args, t, pattern, sel, res, device, dense)
         del out, lse

@@ -168,15 +168,17 @@ class MSACoreAttention(MegatronModule):
                     q_idx, k_idx, layout.cu_seqlens, cfg.msa_block_size, cfg.msa_topk,
                     force_sink=cfg.msa_force_sink, local_window=cfg.msa_local_window, **kw,
                 )
-            out, lse = msa_kernels.sparse_attention(
-                q, k, v, topk_idx, layout.cu_seqlens, cfg.msa_block_size,
-                scale=self.softmax_scale, deterministic=cfg.msa_deterministic, **kw,
-            )
             if want_kl:
-                kl_sum = msa_kernels.indexer_kl(
-                    q.detach(), k.detach(), lse.detach(), q_idx, k_idx, topk_idx,
-                    layout.cu_seqlens, cfg.msa_block_size, scale=self.softmax_scale,
-                    reduction="sum", deterministic=cfg.msa_deterministic, **kw,
+                # One node: the KL's key gradient rides along the attention backward, which
+                # recomputes the teacher probabilities anyway.
+                out, lse, kl_sum = msa_kernels.sparse_attention_and_kl(
+                    q, k, v, topk_idx, q_idx, k_idx, layout.cu_seqlens, cfg.msa_block_size,
+                    scale=self.softmax_scale, reduction="sum", deterministic=cfg.msa_deterministic, **kw,
+                )
+            else:
+                out, lse = msa_kernels.sparse_attention(
+                    q, k, v, topk_idx, layout.cu_seqlens, cfg.msa_block_size,
+                    scale=self.softmax_scale, deterministic=cfg.msa_deterministic, **kw,
                 )
         else:
             out = causal_attention(q, k, v, layout, self.softmax_scale)
