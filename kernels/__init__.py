@@ -45,7 +45,8 @@ msa_kernels.select.triton.select_blocks_triton(
     Same selection as the reference: local block in the last valid slot, -1 padding at the end,
     forced blocks (sink, window) before the ranked ones; the order of non-local slots may differ.
 msa_kernels.attention.triton_fwd.sparse_attention_triton(
-        q, k, v, topk_idx, layout, *, block_size: int, scale: float, deterministic: bool)
+        q, k, v, topk_idx, layout, *, block_size: int, scale: float, deterministic: bool,
+        check_ids: bool)
         -> (out [T, Hq, D] in q.dtype, lse [T, Hq] float32)
     A torch.autograd.Function wrapper (backward in triton_bwd) giving dq, dk, dv, and accepting a
     gradient on lse. Rows whose support is empty (all -1) give out = 0 and lse = -inf, and zero
@@ -67,6 +68,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -197,6 +199,22 @@ def _check_topk(topk_idx, hkv: int, t: int, device):
         raise TypeError(f"topk_idx must have dtype torch.int32, got {topk_idx.dtype}")
 
 
+# select_blocks outputs, by id: sparse_attention's Triton path skips validating these ids (a device
+# sync per call) while the tensor is alive and unmodified; ids from anywhere else are checked.
+_selected: dict = {}
+
+
+def _mark_selected(topk_idx: torch.Tensor) -> torch.Tensor:
+    key = id(topk_idx)
+    _selected[key] = (weakref.ref(topk_idx, lambda _, key=key: _selected.pop(key, None)), topk_idx._version)
+    return topk_idx
+
+
+def _is_selected(topk_idx: torch.Tensor) -> bool:
+    entry = _selected.get(id(topk_idx))
+    return entry is not None and entry[0]() is topk_idx and entry[1] == topk_idx._version
+
+
 def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, cu_seqlens: torch.Tensor,
                   block_size: int = 128, topk: int = 16, *, index_scale: Optional[float] = None,
                   key_starts: Optional[torch.Tensor] = None, key_lens: Optional[torch.Tensor] = None,
@@ -227,7 +245,7 @@ def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, cu_seqlens: torch.Te
     if impl is None:
         from .select.naive import select_blocks_ref
         impl = select_blocks_ref
-    return impl(q_idx, k_idx, layout, **opts)
+    return _mark_selected(impl(q_idx, k_idx, layout, **opts))
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk_idx: torch.Tensor,
@@ -252,9 +270,10 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk_idx
     impl = _dispatch(q, "attention.triton_fwd", "sparse_attention_triton")
     if impl is None:
         from .attention.naive import sparse_attention_ref
-        impl = sparse_attention_ref
+        return sparse_attention_ref(q, k, v, topk_idx, layout, block_size=block_size, scale=scale,
+                                    deterministic=bool(deterministic))
     return impl(q, k, v, topk_idx, layout, block_size=block_size, scale=scale,
-                deterministic=bool(deterministic))
+                deterministic=bool(deterministic), check_ids=not _is_selected(topk_idx))
 
 
 def indexer_kl(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, q_idx: torch.Tensor,
@@ -339,7 +358,7 @@ def sparse_attention_and_kl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
     layout = _layout(cu_seqlens, key_starts, key_lens, t, k.shape[0], q.device)
     impl = _dispatch(q, "kl.fused", "sparse_attention_kl_triton")
     if impl is not None:
-        return impl(q, k, v, topk_idx, q_idx, k_idx, layout, **opts)
+        return impl(q, k, v, topk_idx, q_idx, k_idx, layout, check_ids=not _is_selected(topk_idx), **opts)
     from .attention.naive import sparse_attention_ref
     from .kl.naive import indexer_kl_ref
 

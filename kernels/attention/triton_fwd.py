@@ -110,7 +110,7 @@ def sparse_attention_fwd(q, k, v, tiles: QTileSchedule, qk_rows: torch.Tensor, b
     return out, lse
 
 
-def check_sparse_inputs(q, k, v, topk_idx, layout: VarlenLayout, block_size: int) -> None:
+def check_sparse_inputs(q, k, v, topk_idx, layout: VarlenLayout, block_size: int, check_ids: bool = True) -> None:
     t, hq, hkv, dim, group = check_shapes(q, k, v, block_size)
     if topk_idx.dim() != 3 or topk_idx.shape[0] != hkv or topk_idx.shape[1] != t:
         raise ValueError(f"topk_idx must be [Hkv={hkv}, T={t}, topk], got {list(topk_idx.shape)}")
@@ -119,7 +119,8 @@ def check_sparse_inputs(q, k, v, topk_idx, layout: VarlenLayout, block_size: int
     if layout.total_q != t or layout.total_k != k.shape[0]:
         raise ValueError(f"layout covers {layout.total_q} queries / {layout.total_k} keys but q has {t} rows "
                          f"and k has {k.shape[0]}")
-    check_topk_ids(topk_idx, layout, block_size)
+    if check_ids:
+        check_topk_ids(topk_idx, layout, block_size)
     ensure_interpreter_compat()
 
 
@@ -154,13 +155,14 @@ class _SparseAttentionTriton(torch.autograd.Function):
 def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk_idx: torch.Tensor,
                             layout: VarlenLayout, block_size: int = 128, scale: Optional[float] = None,
                             deterministic: bool = False, *, fwd_cfg: Optional[FwdConfig] = None,
-                            bwd_cfg: Optional[BwdConfig] = None):
+                            bwd_cfg: Optional[BwdConfig] = None, check_ids: bool = True):
     """Triton sparse attention. q [T, Hq, D], k/v [Tk, Hkv, D], topk_idx int32 [Hkv, T, K] (block ids
     local to each sequence, -1 = unused). Returns (out [T, Hq, D], lse [T, Hq] fp32, natural log);
     differentiable in q, k, v (and lse's gradient flows back through the scores).
-    deterministic=True: bitwise-reproducible gradients (no dQ atomics; one KV unit per block)."""
+    deterministic=True: bitwise-reproducible gradients (no dQ atomics; one KV unit per block).
+    check_ids=False skips validating the ids (one device sync), for select_blocks output."""
     t, hq, hkv, dim, group = check_shapes(q, k, v, block_size)
-    check_sparse_inputs(q, k, v, topk_idx, layout, block_size)
+    check_sparse_inputs(q, k, v, topk_idx, layout, block_size, check_ids)
     interp = interpreting()
     fcfg = fwd_cfg or fwd_config(dim, group, block_size, interp)
     bcfg = bwd_cfg or bwd_config(dim, group, block_size, interp)

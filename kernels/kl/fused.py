@@ -85,19 +85,20 @@ def _fusable(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, block_size: 
 
 def sparse_attention_kl_triton(q, k, v, topk_idx, q_idx, k_idx, layout: VarlenLayout, *, block_size: int,
                                scale: float, index_scale: float, reduction: str = "mean",
-                               deterministic: bool = False, max_union_waste: Optional[float] = None):
+                               deterministic: bool = False, max_union_waste: Optional[float] = None,
+                               check_ids: bool = True):
     """(out [T, Hq, D], lse [T, Hq] fp32, KL scalar): sparse_attention_triton followed by
     indexer_kl_triton(q.detach(), k.detach(), lse.detach(), ...), with the KL's key gradient computed
     inside the attention backward when the union-tile KL forward applies. max_union_waste overrides
     the KL's union threshold (tests force the fused path with inf)."""
-    check_sparse_inputs(q, k, v, topk_idx, layout, block_size)
+    check_sparse_inputs(q, k, v, topk_idx, layout, block_size, check_ids)
     schedule = None
     if _fusable(q, k, q_idx, block_size):
         schedule = union_schedule_or_none(topk_idx, layout, block_size, q.device, deterministic,
                                           max_union_waste)
     if schedule is None:
         out, lse = sparse_attention_triton(q, k, v, topk_idx, layout, block_size=block_size, scale=scale,
-                                           deterministic=deterministic)
+                                           deterministic=deterministic, check_ids=False)  # checked above
         kl = indexer_kl_triton(q.detach(), k.detach(), lse.detach(), q_idx, k_idx, topk_idx, layout,
                                block_size=block_size, scale=scale, index_scale=index_scale,
                                reduction=reduction, deterministic=deterministic)

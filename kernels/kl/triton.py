@@ -553,8 +553,8 @@ def _union_schedule(topk_idx, layout, block_size, device):
 
 def _union_waste(blk_rows, sched) -> float:
     """Tile rows the union forward computes per useful (token, block) pick (1 = no waste; one sync)."""
-    picks = int((blk_rows >= 0).sum())
-    return float(sched.counts.sum()) * sched.tokens_per_tile / max(1, picks)
+    union, picks = torch.stack([sched.counts.sum(dtype=torch.int64), (blk_rows >= 0).sum()]).tolist()
+    return union * sched.tokens_per_tile / max(1, picks)
 
 
 def union_schedule_or_none(topk_idx, layout, block_size, device, deterministic: bool,

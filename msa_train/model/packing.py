@@ -10,6 +10,8 @@ are supported without CP.
 
 from __future__ import annotations
 
+import functools
+import weakref
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -51,6 +53,11 @@ def _i32(values, device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32, device=device)
 
 
+# Layouts are pure functions of the shapes (or of one cu_seqlens tensor), built once and shared by
+# every MSA layer and step: building them copies host lists to the GPU (a stream sync each), and a
+# fresh cu_seqlens tensor per layer would also miss msa_kernels' layout cache (another sync). The
+# tensors of a returned layout are read-only by contract.
+@functools.lru_cache(maxsize=32)
 def batch_layout(s: int, b: int, device: torch.device) -> PackedLayout:
     cu = [i * s for i in range(b + 1)]
     pos = torch.arange(s, device=device, dtype=torch.int64).repeat(b)
@@ -58,8 +65,22 @@ def batch_layout(s: int, b: int, device: torch.device) -> PackedLayout:
     return PackedLayout(_i32(cu, device), None, None, pos, pos, frags, b * s)
 
 
+_varlen_last: dict = {}
+
+
 def varlen_layout(cu_seqlens: torch.Tensor) -> PackedLayout:
-    """Packed documents (THD): every document is its own causal sequence."""
+    """Packed documents (THD): every document is its own causal sequence. The layout of the last
+    cu_seqlens tensor is reused while that same, unmodified tensor comes back (all layers of a
+    micro-batch share it)."""
+    hit = _varlen_last.get("entry")
+    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
+        return hit[2]
+    layout = _varlen_layout(cu_seqlens)
+    _varlen_last["entry"] = (weakref.ref(cu_seqlens), cu_seqlens._version, layout)
+    return layout
+
+
+def _varlen_layout(cu_seqlens: torch.Tensor) -> PackedLayout:
     cu = [int(v) for v in cu_seqlens.tolist()]
     device = cu_seqlens.device
     pos = torch.cat(
@@ -69,6 +90,7 @@ def varlen_layout(cu_seqlens: torch.Tensor) -> PackedLayout:
     return PackedLayout(cu_seqlens.to(torch.int32), None, None, pos, pos, frags, cu[-1])
 
 
+@functools.lru_cache(maxsize=32)
 def zigzag_layout(s_local: int, b: int, cp_size: int, cp_rank: int, device) -> PackedLayout:
     """Layout of a CP rank's zigzag queries against the all-gathered keys (see module doc)."""
     if s_local % 2 != 0:

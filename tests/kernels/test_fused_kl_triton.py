@@ -201,3 +201,29 @@ def test_gpu_fused_bf16_matches_fp32_reference(seqlens, hq, hkv, deterministic):
     got = _run(fn, inputs, up)
     want = _run(_reference(topk_idx, lay, bs, "mean"), {n: x.float() for n, x in inputs.items()}, up)
     _assert_close(got, want, 2e-2)
+
+
+def test_only_unmodified_select_blocks_output_skips_the_id_check(monkeypatch):
+    """sparse_attention's Triton path validates ids with a device sync; it skips that only for a
+    live, unmodified select_blocks result, so a user's bad ids still get the clear error."""
+    monkeypatch.setenv("MSA_KERNELS_BACKEND", "triton")
+    seen = []
+    monkeypatch.setattr(triton_fwd, "check_topk_ids", lambda *a: seen.append(a[0]))
+    lens, hkv = [70], 2
+    cu = cu_seqlens_of(lens).to(DEV)
+    q, k, v = (torch.randn(70, h, 16, device=DEV) for h in (4, hkv, hkv))
+    qi, ki = torch.randn(70, hkv, 16, device=DEV), torch.randn(70, 16, device=DEV)
+    sel = msa_kernels.select_blocks(qi, ki, cu, 16, 3)
+    msa_kernels.sparse_attention(q, k, v, sel, cu, 16)
+    assert seen == []
+    mine = sel.clone()
+    msa_kernels.sparse_attention(q, k, v, mine, cu, 16)
+    sel[0, 0, 0] = 0  # edited in place: no longer the selection that was made
+    msa_kernels.sparse_attention(q, k, v, sel, cu, 16)
+    assert seen == [mine, sel]
+    monkeypatch.undo()
+    monkeypatch.setenv("MSA_KERNELS_BACKEND", "triton")
+    bad = mine.clone()
+    bad[1, 5, 0] = 9  # block 9 does not exist in a 70-token sequence with 16-token blocks
+    with pytest.raises(ValueError, match=r"topk_idx\[1, 5, 0\] = 9"):
+        msa_kernels.sparse_attention(q, k, v, bad, cu, 16)
