@@ -87,7 +87,29 @@ def _batches(vocab: int, seq: int, device, seed: int):
                "position_ids": torch.arange(seq, device=device)[None]}
 
 
-def _profile_step(step, path: str, cuda: bool) -> None:
+# GPU-kernel categories of the profile breakdown, first match wins (kernel names, lower case).
+KERNEL_CATEGORIES = (
+    ("msa_select", ("_select_blocks_kernel",)),
+    ("msa_kl", ("_kl_", "_dense_lse_kernel")),
+    ("msa_attention", ("_sparse_fwd_kernel", "_sparse_bwd_", "_delta_kernel", "_union_tiles_kernel")),
+    ("dense_attention", ("sdpa", "fmha", "flash", "attention")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "wgmma")),
+)
+
+
+def kernel_breakdown(kernels) -> Dict[str, float]:
+    """ms per category from (kernel name, device microseconds) pairs; the rest is "other"."""
+    out = {name: 0.0 for name, _ in KERNEL_CATEGORIES}
+    out["other"] = 0.0
+    for name, us in kernels:
+        low = name.lower()
+        cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
+        out[cat] += us / 1e3
+    out["total"] = sum(out.values())
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def _profile_step(step, path: str, cuda: bool) -> Optional[Dict[str, float]]:
     """One extra step under torch.profiler: the kernel table tells where a slow configuration's
     time goes (our Triton kernels vs SDPA vs the MoE GEMMs vs the optimizer) without a second run."""
     import torch
@@ -104,6 +126,13 @@ def _profile_step(step, path: str, cuda: bool) -> None:
         key = "self_device_time_total" if hasattr(avg[0], "self_device_time_total") else "self_cuda_time_total"
     with open(path, "w") as f:
         f.write(avg.table(sort_by=key, row_limit=45, max_name_column_width=90))
+    if not cuda:
+        return None
+    from torch.autograd import DeviceType
+
+    # Kernel-level events only (operators such as aten::mm would count their kernels twice).
+    kernels = [(e.key, getattr(e, key)) for e in avg if getattr(e, "device_type", None) == DeviceType.CUDA]
+    return kernel_breakdown(kernels) if kernels else None  # a profiler without kernel events: table only
 
 
 def _timed(step, cuda: bool):
@@ -151,7 +180,7 @@ def measure(cfg, runtime, variant: str, warmup: int, steps: int,
                           num_microbatches=gbs, seq_length=seq, micro_batch_size=1,
                           global_batch_size=gbs, device=runtime.device, cp_size=1)
 
-    losses, warm_times, times = [], [], []
+    losses, warm_times, times, breakdown = [], [], [], None
     try:
         # Warm up until two consecutive steps agree within `settle`: a kernel path first taken a
         # few steps in (the selection pattern changes as the indexer trains; Triton compiles each
@@ -167,8 +196,7 @@ def measure(cfg, runtime, variant: str, warmup: int, steps: int,
             losses.append(result.lm_loss)
             times.append(dt)
         seconds = sum(times)
-        if profile_path:
-            _profile_step(step, profile_path, cuda)
+        breakdown = _profile_step(step, profile_path, cuda) if profile_path else None
     finally:
         mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         del objs
@@ -183,6 +211,7 @@ def measure(cfg, runtime, variant: str, warmup: int, steps: int,
             "dense_equiv_tflops": tps * fpt.dense_equiv / 1e12, "max_mem_gib": mem,
             "final_loss": losses[-1] if losses else None, "ok": ok,
             "warmup_step_ms": [round(1e3 * t, 1) for t in warm_times],
+            "profile_gpu_ms": breakdown,
             "step_ms": [round(1e3 * t, 1) for t in times]}
 
 
@@ -226,6 +255,15 @@ def markdown(results: List[Dict], device: str, peak: Optional[float], meta: Dict
                      if r["ok"] else
                      f"| {_seq_label(r['seq_len'])} | {name} | FAILED "
                      f"({r.get('error') or 'loss ' + str(r['final_loss'])}) | | | | | | |")
+    prof = [r for r in results if r.get("ok") and r.get("profile_gpu_ms")]
+    if prof:
+        cats = list(prof[0]["profile_gpu_ms"])
+        lines += ["", "GPU time of one profiled step (ms, torch.profiler kernel time by category):", "",
+                  "| seq | model | " + " | ".join(cats) + " |", "|---|---|" + "---|" * len(cats)]
+        for r in prof:
+            name = "MSA (sparse stage)" if r["variant"] == "msa" else "dense-GQA twin"
+            lines.append(f"| {_seq_label(r['seq_len'])} | {name} | "
+                         + " | ".join(f"{r['profile_gpu_ms'][c]:.1f}" for c in cats) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -37,3 +37,16 @@ def test_failed_run_gets_no_speedup_and_unknown_card_no_mfu():
     assert "peak unknown" in md
     dense_row = next(l for l in md.splitlines() if "dense-GQA twin" in l)
     assert "| - |" in dense_row  # no MFU without a known peak
+
+
+def test_profile_breakdown_sorts_kernels_into_categories_and_reaches_the_table():
+    kernels = [("_select_blocks_kernel", 1000.0), ("_kl_sparse_fwd_kernel", 4000.0),
+               ("_sparse_bwd_kv_kernel", 3000.0), ("_sparse_fwd_kernel", 1500.0),
+               ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", 18000.0),
+               ("nvjet_sm90_tst_256x128_64x4", 250.0), ("vectorized_elementwise_kernel", 50.0)]
+    b = bench.kernel_breakdown(kernels)
+    assert b == {"msa_select": 1.0, "msa_kl": 4.0, "msa_attention": 4.5, "dense_attention": 18.0,
+                 "gemm": 0.25, "other": 0.05, "total": 27.8}
+    rows = [dict(_r("msa", 32768, 30000.0), profile_gpu_ms=b), _r("dense", 32768, 15000.0)]
+    md = bench.markdown(rows, "NVIDIA H200", 989.4, META)
+    assert "| msa_select | msa_kl |" in md and "| 32K | MSA (sparse stage) | 1.0 | 4.0 | 4.5 | 18.0 |" in md
