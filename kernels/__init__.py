@@ -179,6 +179,18 @@ def _check_main(q, k, name_q="q", name_k="k"):
     return t, hq, hkv, d
 
 
+def _check_value(v, q, k):
+    check_tensor(v, "v", tuple(k.shape), device=q.device)
+    if v.dtype != q.dtype:
+        raise TypeError(f"v dtype {v.dtype} must match q dtype {q.dtype}")
+
+
+def _sparse_kl_options(block_size, scale, index_scale, d: int, di: int, reduction, deterministic) -> dict:
+    return dict(block_size=_check_block_size(block_size), scale=_scale(scale, d, "scale"),
+                index_scale=_scale(index_scale, di, "index_scale"),
+                reduction=_check_reduction(reduction), deterministic=bool(deterministic))
+
+
 def _check_lse(lse, t: int, hq: int, device):
     check_tensor(lse, "lse", (t, hq), device=device)
     if lse.dtype != torch.float32:
@@ -260,9 +272,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk_idx
     lse = -inf. The Triton path trusts the ids (select_blocks output); the reference checks them.
     """
     t, _, hkv, d = _check_main(q, k)
-    check_tensor(v, "v", tuple(k.shape), device=q.device)
-    if v.dtype != q.dtype:
-        raise TypeError(f"v dtype {v.dtype} must match q dtype {q.dtype}")
+    _check_value(v, q, k)
     _check_topk(topk_idx, hkv, t, q.device)
     block_size = _check_block_size(block_size)
     scale = _scale(scale, d, "scale")
@@ -294,10 +304,7 @@ def indexer_kl(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, q_idx: torch
     _check_lse(lse, t, hq, q.device)
     _check_index(q_idx, k_idx, hkv, t, k.shape[0], q.device)
     _check_topk(topk_idx, hkv, t, q.device)
-    block_size = _check_block_size(block_size)
-    opts = dict(block_size=block_size, scale=_scale(scale, d, "scale"),
-                index_scale=_scale(index_scale, q_idx.shape[2], "index_scale"),
-                reduction=_check_reduction(reduction), deterministic=bool(deterministic))
+    opts = _sparse_kl_options(block_size, scale, index_scale, d, q_idx.shape[2], reduction, deterministic)
     layout = _layout(cu_seqlens, key_starts, key_lens, t, k.shape[0], q.device)
     impl = _dispatch(q, "kl.triton", "indexer_kl_triton")
     if impl is None:
@@ -346,15 +353,11 @@ def sparse_attention_and_kl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
     already recomputes every head's probabilities (the KL teacher), instead of a second pass.
     """
     t, hq, hkv, d = _check_main(q, k)
-    check_tensor(v, "v", tuple(k.shape), device=q.device)
-    if v.dtype != q.dtype:
-        raise TypeError(f"v dtype {v.dtype} must match q dtype {q.dtype}")
+    _check_value(v, q, k)
     _check_index(q_idx, k_idx, hkv, t, k.shape[0], q.device)
     _check_topk(topk_idx, hkv, t, q.device)
-    block_size = _check_block_size(block_size)
-    opts = dict(block_size=block_size, scale=_scale(scale, d, "scale"),
-                index_scale=_scale(index_scale, q_idx.shape[2], "index_scale"),
-                reduction=_check_reduction(reduction), deterministic=bool(deterministic))
+    opts = _sparse_kl_options(block_size, scale, index_scale, d, q_idx.shape[2], reduction, deterministic)
+    block_size = opts["block_size"]
     layout = _layout(cu_seqlens, key_starts, key_lens, t, k.shape[0], q.device)
     impl = _dispatch(q, "kl.fused", "sparse_attention_kl_triton")
     if impl is not None:

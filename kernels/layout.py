@@ -91,6 +91,11 @@ class VarlenLayout:
     def max_blocks(self, block_size: int) -> int:
         return -(-self.max_k_len // block_size)
 
+    def total_blocks(self, block_size: int) -> int:
+        """Key blocks summed over the fragments: an upper bound on the distinct blocks any selection
+        can pick (CP fragments sharing a sequence count it twice: fine), known without a sync."""
+        return sum(fr.num_blocks(block_size) for fr in self.fragments)
+
     def token_fragment(self) -> torch.Tensor:
         """int32 [T]: fragment index of every query row."""
         frag = torch.arange(self.num_fragments, device=self.device, dtype=torch.int32)

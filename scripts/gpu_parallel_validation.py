@@ -727,9 +727,8 @@ def evaluate(report: dict, tol: Tolerance) -> dict:
     # Without any (CPU: the PyTorch reference is deterministic) the floor is rel_floor alone.
     others = [curves.get(n, {}) for n in (REF_ALT, REF_PERT) if n in report["runs"]] or [ref]
     gap = {s: max(abs(ref[s] - o[s]) for o in others) for s in ref if all(s in o for o in others)}
-    envelope = noise_envelope(ref, ref)
-    for o in others:
-        envelope = {s: max(envelope.get(s, 0.0), v) for s, v in noise_envelope(ref, o).items()}
+    envelopes = [noise_envelope(ref, o) for o in others]
+    envelope = {s: max(e.get(s, 0.0) for e in envelopes) for s in set().union(*envelopes)}
     band = tolerance_band(ref, envelope, tol)
     # Drift bound: how far the noise references' own signed mean over the final window strays.
     # Chaotic bf16 noise has a wide envelope but averages out in sign; a layout bug does not, so

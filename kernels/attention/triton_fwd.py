@@ -8,7 +8,7 @@ per-block partial outputs in memory).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -23,7 +23,7 @@ from .triton_common import (LOG2E, BwdConfig, FwdConfig, QTileSchedule, block_ke
 
 ensure_interpreter_compat()
 
-__all__ = ["sparse_attention_triton", "sparse_attention_fwd", "check_sparse_inputs"]
+__all__ = ["sparse_attention_triton", "sparse_attention_fwd", "check_sparse_inputs", "forward_schedule"]
 
 
 @triton.jit
@@ -124,19 +124,26 @@ def check_sparse_inputs(q, k, v, topk_idx, layout: VarlenLayout, block_size: int
     ensure_interpreter_compat()
 
 
+def forward_schedule(topk_idx, layout: VarlenLayout, block_size: int, tokens_per_tile: int,
+                     reuse: Optional[Tuple[torch.Tensor, QTileSchedule]] = None):
+    """(qk_rows, blk_rows, union tiles) of the forward. reuse: (blk_rows, tiles) already built from
+    the same topk_idx (e.g. by the KL); its tiles are kept when their tokens per tile match."""
+    blk_rows, tiles = reuse if reuse is not None else (block_key_rows(topk_idx, layout, block_size), None)
+    if tiles is None or tiles.tokens_per_tile != tokens_per_tile:
+        tiles = build_q_tiles(blk_rows, tokens_per_tile)
+    return query_key_rows(layout), blk_rows, tiles
+
+
 class _SparseAttentionTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, topk_idx, layout, block_size, scale, deterministic, fcfg, bcfg):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        qk_rows = query_key_rows(layout)
-        blk_rows = block_key_rows(topk_idx, layout, block_size)
-        tiles = build_q_tiles(blk_rows, fcfg.tokens_per_tile(q.shape[1] // k.shape[1]))
+        qk_rows, blk_rows, tiles = forward_schedule(topk_idx, layout, block_size,
+                                                    fcfg.tokens_per_tile(q.shape[1] // k.shape[1]))
         out, lse = sparse_attention_fwd(q, k, v, tiles, qk_rows, block_size, scale, fcfg)
         ctx.save_for_backward(q, k, v, out, lse, blk_rows, qk_rows)
         ctx.tiles = tiles
-        # Upper bound on distinct key blocks (CP fragments sharing a sequence count it twice: fine).
-        max_blocks = sum(-(-fr.k_len // block_size) for fr in layout.fragments)
-        ctx.args = (block_size, scale, deterministic, fcfg, bcfg, max_blocks)
+        ctx.args = (block_size, scale, deterministic, fcfg, bcfg, layout.total_blocks(block_size))
         return out, lse
 
     @staticmethod

@@ -22,9 +22,9 @@ from typing import Optional
 import torch
 
 from ..attention.triton_bwd import KLKeyGrad, sparse_attention_bwd
-from ..attention.triton_common import (block_key_rows, build_q_tiles, bwd_config, check_shapes, fwd_config,
-                                       interpreting, query_key_rows)
-from ..attention.triton_fwd import check_sparse_inputs, sparse_attention_fwd, sparse_attention_triton
+from ..attention.triton_common import bwd_config, check_shapes, fwd_config, interpreting
+from ..attention.triton_fwd import (check_sparse_inputs, forward_schedule, sparse_attention_fwd,
+                                    sparse_attention_triton)
 from ..layout import VarlenLayout
 from .triton import _norm, _sparse_forward, indexer_kl_triton, union_schedule_or_none
 
@@ -39,10 +39,9 @@ class _SparseAttentionKLTriton(torch.autograd.Function):
                 deterministic, fcfg, bcfg, kl_schedule):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         q_idx, k_idx = q_idx.contiguous(), k_idx.contiguous()
-        group = q.shape[1] // k.shape[1]
-        qk_rows = query_key_rows(layout)
-        blk_rows = block_key_rows(topk_idx, layout, block_size)
-        tiles = build_q_tiles(blk_rows, fcfg.tokens_per_tile(group))
+        # The KL's union schedule holds the same block rows (and, at equal tokens per tile, tiles).
+        qk_rows, blk_rows, tiles = forward_schedule(topk_idx, layout, block_size,
+                                                    fcfg.tokens_per_tile(q.shape[1] // k.shape[1]), kl_schedule)
         out, lse = sparse_attention_fwd(q, k, v, tiles, qk_rows, block_size, scale, fcfg)
         want_idx = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         kl, lses, psum, dq_idx, _, _ = _sparse_forward(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size,
@@ -51,8 +50,8 @@ class _SparseAttentionKLTriton(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, blk_rows, qk_rows, q_idx, k_idx, lses, psum,
                               dq_idx if want_idx else lses)
         ctx.tiles = tiles
-        max_blocks = sum(-(-fr.k_len // block_size) for fr in layout.fragments)
-        ctx.args = (block_size, scale, iscale, norm, deterministic, bcfg, max_blocks, want_idx)
+        ctx.args = (block_size, scale, iscale, norm, deterministic, bcfg, layout.total_blocks(block_size),
+                    want_idx)
         return out, lse, (kl.sum(dtype=torch.float64) * norm).to(torch.float32)
 
     @staticmethod

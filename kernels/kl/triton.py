@@ -608,7 +608,7 @@ def _sparse_dk(q, k, lse, q_idx, k_idx, lses, psum, qk_rows, blk_rows, layout, b
     t, hq, hkv, d, di, g = _check_kernel_limits(q, k, q_idx, k_idx)
     cfg = _cfg(q.device)
     chunk = 0 if deterministic else cfg["kv_chunk"]
-    units = build_kv_units(blk_rows, chunk, k.shape[0], _max_blocks(layout, block_size))
+    units = build_kv_units(blk_rows, chunk, k.shape[0], layout.total_blocks(block_size))
     dk = _dk_buffer(k_idx, hkv, deterministic)
     if units.num_units == 0:
         return dk.sum(0)
@@ -627,14 +627,9 @@ def _sparse_dk(q, k, lse, q_idx, k_idx, lses, psum, qk_rows, blk_rows, layout, b
     return dk.sum(0)
 
 
-def _max_blocks(layout: VarlenLayout, block_size: int) -> int:
-    """Upper bound on the distinct key blocks (sizes the sync-free KV-unit grid)."""
-    return sum(-(-fr.k_len // block_size) for fr in layout.fragments)
-
-
 def _kv_units(topk_idx, layout, block_size, chunk):
     blk_rows = block_key_rows(topk_idx, layout, block_size)  # [Hkv, T, K] int64
-    units = build_kv_units(blk_rows, chunk, layout.total_k, _max_blocks(layout, block_size))
+    units = build_kv_units(blk_rows, chunk, layout.total_k, layout.total_blocks(block_size))
     return units, query_key_rows(layout)
 
 
