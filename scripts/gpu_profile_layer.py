@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Per-kernel GPU time of one MSA layer's kernel work (select_blocks + sparse attention + indexer KL,
-forward and backward), next to cuDNN dense attention forward + backward on the same shapes.
+forward and backward; KL value in the forward and deferred to the backward), next to cuDNN dense
+attention forward + backward on the same shapes.
 
     python scripts/gpu_profile_layer.py [--hq 16 --hkv 4] [--seq 32768] [--pattern mix] [--out DIR]
 
@@ -64,11 +65,13 @@ def main() -> int:
     go = torch.randn((t, hq, 128), generator=g, device=dev, dtype=torch.bfloat16)
     xs = [q, k, v, qi, ki]
 
-    def msa_layer():
-        with torch.no_grad():
-            mk.select_blocks(qi, ki, cu, 128, 16)
-        out, _, kl = mk.sparse_attention_and_kl(q, k, v, sel, qi, ki, cu, 128)
-        torch.autograd.backward([out, kl], [go, torch.ones_like(kl)], inputs=xs)
+    def msa_layer(defer: bool):
+        def step():
+            with torch.no_grad():
+                mk.select_blocks(qi, ki, cu, 128, 16)
+            out, _, kl = mk.sparse_attention_and_kl(q, k, v, sel, qi, ki, cu, 128, defer_kl=defer)
+            torch.autograd.backward([out, kl], [go, torch.ones_like(kl)], inputs=xs)
+        return step
 
     def dense_layer():
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -80,14 +83,15 @@ def main() -> int:
 
     card = torch.cuda.get_device_name(0)
     res = {"card": card, "torch": torch.__version__, "heads": f"{hq}/{hkv}", "T": t, "pattern": a.pattern}
-    for name, fn in (("msa", msa_layer), ("dense_cudnn", dense_layer)):
+    names = ("msa", "msa_defer_kl", "dense_cudnn")
+    for name, fn in zip(names, (msa_layer(False), msa_layer(True), dense_layer)):
         try:
             res[f"{name}_ms"] = round(time_ms(fn, budget_ms=500), 3)
             res[f"{name}_kernels"] = kernel_table(fn, a.reps)
         except Exception as e:  # noqa: BLE001 - report and keep the other row
             res[f"{name}_error"] = f"{type(e).__name__}: {e}"
     print(f"card: {card}; {hq}/{hkv} heads, T={t}, pattern {a.pattern}")
-    for name in ("msa", "dense_cudnn"):
+    for name in names:
         print(f"\n{name}: {res.get(f'{name}_ms')} ms per fwd+bwd (CUDA events, median)")
         for row in res.get(f"{name}_kernels", [])[:25]:
             print(f"  {row['ms']:8.3f} ms  x{row['calls']:<3d} {row['kernel']}")
