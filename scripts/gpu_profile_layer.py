@@ -50,6 +50,8 @@ def main() -> int:
     ap.add_argument("--pattern", default="mix")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--defer-variants", default="0:4", help="head_mean:num_warps of the deferred-KL dQ pass")
+    ap.add_argument("--top", type=int, default=25, help="kernels listed per run")
     a = ap.parse_args()
     import msa_kernels as mk
     from msa_kernels.bench import make_pattern, time_ms
@@ -83,17 +85,29 @@ def main() -> int:
 
     card = torch.cuda.get_device_name(0)
     res = {"card": card, "torch": torch.__version__, "heads": f"{hq}/{hkv}", "T": t, "pattern": a.pattern}
-    names = ("msa", "msa_defer_kl", "dense_cudnn")
-    for name, fn in zip(names, (msa_layer(False), msa_layer(True), dense_layer)):
+    from msa_kernels.attention import triton_bwd
+
+    runs = [("msa", msa_layer(False), None)]
+    for variant in a.defer_variants.split(","):  # head_mean:warps of the deferred-KL dQ pass
+        hm, nw = (int(x) for x in variant.split(":"))
+        runs.append((f"msa_defer_kl_hm{hm}_w{nw}", msa_layer(True), dict(head_mean=hm, num_warps=nw)))
+    runs.append(("dense_cudnn", dense_layer, None))
+    names = [r[0] for r in runs]
+    default = dict(triton_bwd.DEFERRED_KL)
+    for name, fn, knobs in runs:
+        triton_bwd.DEFERRED_KL.update(knobs or default)
         try:
             res[f"{name}_ms"] = round(time_ms(fn, budget_ms=500), 3)
             res[f"{name}_kernels"] = kernel_table(fn, a.reps)
         except Exception as e:  # noqa: BLE001 - report and keep the other row
             res[f"{name}_error"] = f"{type(e).__name__}: {e}"
+    triton_bwd.DEFERRED_KL.update(default)
     print(f"card: {card}; {hq}/{hkv} heads, T={t}, pattern {a.pattern}")
     for name in names:
         print(f"\n{name}: {res.get(f'{name}_ms')} ms per fwd+bwd (CUDA events, median)")
-        for row in res.get(f"{name}_kernels", [])[:25]:
+        if f"{name}_error" in res:
+            print("  FAILED:", res[f"{name}_error"])
+        for row in res.get(f"{name}_kernels", [])[:a.top]:
             print(f"  {row['ms']:8.3f} ms  x{row['calls']:<3d} {row['kernel']}")
     if a.out:
         os.makedirs(a.out, exist_ok=True)

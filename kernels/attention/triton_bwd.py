@@ -40,6 +40,11 @@ from .triton_common import (LOG2E, BwdConfig, QTileSchedule, build_kv_units, che
 __all__ = ["sparse_attention_bwd", "dq_mode", "KLKeyGrad", "KLGrads"]
 
 
+# Deferred-KL dQ pass (6.): head mean of P by the token-selection MMA (0) or by a reshape-sum of
+# P with A accumulated per head row (1); warps of that pass. scripts/gpu_profile_layer.py times both.
+DEFERRED_KL = dict(head_mean=0, num_warps=4)
+
+
 @dataclass
 class KLKeyGrad:
     """Inputs of the fused indexer KL (5. and 6. above). lses / psum: [Hkv, T] fp32 student LSE
@@ -163,7 +168,7 @@ def _sparse_bwd_dq_kernel(
     QI, KI, LSES, PSUM, BST, DQI, KLV, iscale,  # deferred KL: BST / DQI [T, HKV, DI] fp32, KLV [HKV, T]
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     TM: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr, DOT_MODE: tl.constexpr,
-    WITH_KL: tl.constexpr, DI: tl.constexpr, TMP: tl.constexpr,
+    WITH_KL: tl.constexpr, DI: tl.constexpr, TMP: tl.constexpr, HEAD_MEAN: tl.constexpr,
 ):
     """Deterministic dQ: Q-outer over the forward's union schedule, no atomics (+ the deferred KL, 6.)."""
     tile = tl.program_id(0)
@@ -191,11 +196,17 @@ def _sparse_bwd_dq_kernel(
     n_cols = tl.arange(0, BLOCK_N)
     if WITH_KL:
         e = tl.arange(0, DI)
-        tsel = tl.arange(0, TMP)
-        # [TMP, M] 0/1: token row i sums the G head rows of token i (padding rows and heads: 0).
-        sel = (((rows // GP)[None, :] == tsel[:, None]) & (g < G)[None, :]).to(tl.float32)
-        ent = tl.zeros([TMP], dtype=tl.float32)
-        acc_a = tl.zeros([TMP, DI], dtype=tl.float32)
+        if HEAD_MEAN == 0:
+            R: tl.constexpr = TMP
+            tsel = tl.arange(0, TMP)
+            # [TMP, M] 0/1: token row i sums the G head rows of token i (padding rows and heads: 0).
+            sel = (((rows // GP)[None, :] == tsel[:, None]) & (g < G)[None, :]).to(tl.float32)
+            acc_a = tl.zeros([TMP, DI], dtype=tl.float32)
+        else:
+            R: tl.constexpr = TM
+            tsel = tl.arange(0, TM)
+            acc_rows = tl.zeros([M, DI], dtype=tl.float32)  # per head row; head sum after the loop
+        ent = tl.zeros([R], dtype=tl.float32)
     for it in range(0, n_union * NSUB):
         u = it // NSUB
         sub = it % NSUB
@@ -215,11 +226,17 @@ def _sparse_bwd_dq_kernel(
         dq += mma(ds.to(k.dtype), k, DOT_MODE)
         if WITH_KL:
             ki = tl.load(KI + k_row.to(tl.int64)[:, None] * DI + e[None, :], mask=k_ok[:, None], other=0.0)
-            pbar = mma(sel, p, DOT_MODE) * (1.0 / G)  # [TMP, BLOCK_N] teacher: head mean of P
+            if HEAD_MEAN == 0:
+                pbar = mma(sel, p, DOT_MODE) * (1.0 / G)  # [TMP, BLOCK_N] teacher: head mean of P
+                acc_a += mma(pbar.to(ki.dtype), ki, DOT_MODE)
+            else:
+                pbar = tl.sum(tl.reshape(p, [TM, GP, BLOCK_N]), 1) * (1.0 / G)  # [TM, BLOCK_N]
+                acc_rows += mma(p.to(ki.dtype), ki, DOT_MODE)
             ent += tl.sum(tl.where(pbar > 0, pbar * tl.log(tl.where(pbar > 0, pbar, 1.0)), 0.0), 1)
-            acc_a += mma(pbar.to(ki.dtype), ki, DOT_MODE)
     tl.store(DQ + q_off[:, None] + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
     if WITH_KL:
+        if HEAD_MEAN != 0:
+            acc_a = tl.sum(tl.reshape(acc_rows, [TM, GP, DI]), 1) * (1.0 / G)  # [TM, DI]
         tok_t = tile * TM + tsel
         t_ok = (tsel < TM) & (tok_t < T)
         st_off = r.to(tl.int64) * T + tok_t
@@ -303,7 +320,9 @@ def sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, tiles: QTileSchedule, 
                 HQ=hq, HKV=hkv, G=group, GP=gp, D=dim, TM=tiles.tokens_per_tile, BLOCK_KV=block_size,
                 BLOCK_N=min(bcfg.dq_block_n, block_size), DOT_MODE=dot_mode(q.dtype),
                 WITH_KL=deferred, DI=di, TMP=max(16, next_pow2(tiles.tokens_per_tile)),
-                num_warps=bcfg.dq_num_warps, num_stages=bcfg.dq_num_stages)
+                HEAD_MEAN=DEFERRED_KL["head_mean"] if deferred else 0,
+                num_warps=DEFERRED_KL["num_warps"] if deferred else bcfg.dq_num_warps,
+                num_stages=bcfg.dq_num_stages)
     else:
         dq = dq32.to(q.dtype)
     if dki32 is not None:
