@@ -21,10 +21,9 @@ indexer_kl_dense(q, k, q_idx, k_idx, cu_seqlens, *, scale=None, index_scale=None
                  key_lens=None, lse=None, reduction="mean", deterministic=False) -> fp32 scalar
 sparse_attention_and_kl(q, k, v, topk_idx, q_idx, k_idx, cu_seqlens, block_size=128, *, scale=None,
                         index_scale=None, key_starts=None, key_lens=None, reduction="mean",
-                        deterministic=False, defer_kl=False) -> (out, lse, fp32 scalar)
+                        deterministic=False) -> (out, lse, fp32 scalar)
     = sparse_attention(...) then indexer_kl(q.detach(), k.detach(), lse.detach(), ...), in one
-    autograd node on Triton so KL work rides along the attention backward (defer_kl: the KL value
-    too, valid after backward).
+    autograd node on Triton so the KL's key gradient rides along the attention backward.
 
 Backend dispatch
 ----------------
@@ -57,7 +56,7 @@ msa_kernels.kl.triton.indexer_kl_triton(
         index_scale: float, reduction: str, deterministic: bool) -> float32 scalar
 msa_kernels.kl.fused.sparse_attention_kl_triton(
         q, k, v, topk_idx, q_idx, k_idx, layout, *, block_size, scale, index_scale, reduction,
-        deterministic, defer_kl) -> (out, lse, float32 scalar)
+        deterministic) -> (out, lse, float32 scalar)
 msa_kernels.kl.triton.indexer_kl_dense_triton(
         q, k, q_idx, k_idx, layout, *, scale: float, index_scale: float, lse: Optional[Tensor],
         reduction: str, deterministic: bool) -> float32 scalar
@@ -344,20 +343,14 @@ def sparse_attention_and_kl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
                             block_size: int = 128, *, scale: Optional[float] = None,
                             index_scale: Optional[float] = None, key_starts: Optional[torch.Tensor] = None,
                             key_lens: Optional[torch.Tensor] = None, reduction: str = "mean",
-                            deterministic: bool = False,
-                            defer_kl: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            deterministic: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sparse stage's main branch and KL together: :func:`sparse_attention` (autograd to q, k, v)
     and :func:`indexer_kl` of its own probabilities (teacher detached; autograd to q_idx, k_idx).
 
     Returns (out, lse, kl). Same values and gradients as the two calls
     ``out, lse = sparse_attention(...)``; ``indexer_kl(q.detach(), k.detach(), lse.detach(), ...)``;
-    on Triton one autograd node moves KL work into the attention backward, which already recomputes
-    every head's probabilities (the KL teacher), instead of passes of its own.
-
-    defer_kl=True (training loops): the KL value may be computed by the backward pass, which saves
-    the forward's teacher recompute. ``kl`` is then only valid once the backward has run (it reads
-    NaN before; the backward writes it in place); its gradient is unaffected. Without a backward,
-    or on the reference path, the value is computed in the forward as usual.
+    on Triton one autograd node computes the KL's key gradient inside the attention backward, which
+    already recomputes every head's probabilities (the KL teacher), instead of a second pass.
     """
     t, hq, hkv, d = _check_main(q, k)
     _check_value(v, q, k)
@@ -368,8 +361,7 @@ def sparse_attention_and_kl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
     layout = _layout(cu_seqlens, key_starts, key_lens, t, k.shape[0], q.device)
     impl = _dispatch(q, "kl.fused", "sparse_attention_kl_triton")
     if impl is not None:
-        return impl(q, k, v, topk_idx, q_idx, k_idx, layout, check_ids=not _is_selected(topk_idx),
-                    defer_kl=bool(defer_kl), **opts)
+        return impl(q, k, v, topk_idx, q_idx, k_idx, layout, check_ids=not _is_selected(topk_idx), **opts)
     from .attention.naive import sparse_attention_ref
     from .kl.naive import indexer_kl_ref
 

@@ -1,7 +1,6 @@
 #!/usr/bin/env python
 """Per-kernel GPU time of one MSA layer's kernel work (select_blocks + sparse attention + indexer KL,
-forward and backward; KL value in the forward and deferred to the backward), next to cuDNN dense
-attention forward + backward on the same shapes.
+forward and backward), next to cuDNN dense attention forward + backward on the same shapes.
 
     python scripts/gpu_profile_layer.py [--hq 16 --hkv 4] [--seq 32768] [--pattern mix] [--out DIR]
 
@@ -50,7 +49,6 @@ def main() -> int:
     ap.add_argument("--pattern", default="mix")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--defer-variants", default="0:4", help="head_mean:num_warps of the deferred-KL dQ pass")
     ap.add_argument("--top", type=int, default=25, help="kernels listed per run")
     a = ap.parse_args()
     import msa_kernels as mk
@@ -67,13 +65,11 @@ def main() -> int:
     go = torch.randn((t, hq, 128), generator=g, device=dev, dtype=torch.bfloat16)
     xs = [q, k, v, qi, ki]
 
-    def msa_layer(defer: bool):
-        def step():
-            with torch.no_grad():
-                mk.select_blocks(qi, ki, cu, 128, 16)
-            out, _, kl = mk.sparse_attention_and_kl(q, k, v, sel, qi, ki, cu, 128, defer_kl=defer)
-            torch.autograd.backward([out, kl], [go, torch.ones_like(kl)], inputs=xs)
-        return step
+    def msa_layer():
+        with torch.no_grad():
+            mk.select_blocks(qi, ki, cu, 128, 16)
+        out, _, kl = mk.sparse_attention_and_kl(q, k, v, sel, qi, ki, cu, 128)
+        torch.autograd.backward([out, kl], [go, torch.ones_like(kl)], inputs=xs)
 
     def dense_layer():
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -85,23 +81,13 @@ def main() -> int:
 
     card = torch.cuda.get_device_name(0)
     res = {"card": card, "torch": torch.__version__, "heads": f"{hq}/{hkv}", "T": t, "pattern": a.pattern}
-    from msa_kernels.attention import triton_bwd
-
-    runs = [("msa", msa_layer(False), None)]
-    for variant in a.defer_variants.split(","):  # head_mean:warps of the deferred-KL dQ pass
-        hm, nw = (int(x) for x in variant.split(":"))
-        runs.append((f"msa_defer_kl_hm{hm}_w{nw}", msa_layer(True), dict(head_mean=hm, num_warps=nw)))
-    runs.append(("dense_cudnn", dense_layer, None))
-    names = [r[0] for r in runs]
-    default = dict(triton_bwd.DEFERRED_KL)
-    for name, fn, knobs in runs:
-        triton_bwd.DEFERRED_KL.update(knobs or default)
+    names = ("msa", "dense_cudnn")
+    for name, fn in zip(names, (msa_layer, dense_layer)):
         try:
             res[f"{name}_ms"] = round(time_ms(fn, budget_ms=500), 3)
             res[f"{name}_kernels"] = kernel_table(fn, a.reps)
         except Exception as e:  # noqa: BLE001 - report and keep the other row
             res[f"{name}_error"] = f"{type(e).__name__}: {e}"
-    triton_bwd.DEFERRED_KL.update(default)
     print(f"card: {card}; {hq}/{hkv} heads, T={t}, pattern {a.pattern}")
     for name in names:
         print(f"\n{name}: {res.get(f'{name}_ms')} ms per fwd+bwd (CUDA events, median)")

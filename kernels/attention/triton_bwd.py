@@ -18,12 +18,6 @@ Backward plan:
    itself: each head row carries its token's q_idx and (Q * psum - p_g) / G, and summing the rows
    of dk_idx += dS_kl^T q_idx over the heads gives the mean (no head reshape). Saves the separate
    KL key pass that recomputed the teacher.
-6. Deferred indexer KL (``kl.student_mean`` given): the Q-outer dQ pass, which also recomputes every
-   head's exact probabilities, finishes the KL there instead of in a forward pass of its own. Per
-   step the head mean of P comes from one small MMA with a 0/1 token-selection matrix ([TMP, M] x
-   [M, N], TMP = tokens padded to 16), then the teacher entropy sum p log p, and A = sum_j p_j k_idx_j
-   (one [TMP, N] x [N, Di] MMA). With the student-only forward's LSE and B = sum_j Q_j k_idx_j:
-   KL = sum p log p - index_scale q_idx . A + lse_t * psum,  dKL/dq_idx = index_scale (psum B - A).
 """
 from __future__ import annotations
 
@@ -37,38 +31,19 @@ import triton.language as tl
 from .triton_common import (LOG2E, BwdConfig, QTileSchedule, build_kv_units, check_shapes, dot_mode,
                             mma, next_pow2)
 
-__all__ = ["sparse_attention_bwd", "dq_mode", "KLKeyGrad", "KLGrads"]
-
-
-# Deferred-KL dQ pass (6.): head mean of P by the token-selection MMA (0) or by a reshape-sum of
-# P with A accumulated per head row (1); warps of that pass. scripts/gpu_profile_layer.py times both.
-DEFERRED_KL = dict(head_mean=0, num_warps=4)
+__all__ = ["sparse_attention_bwd", "dq_mode", "KLKeyGrad"]
 
 
 @dataclass
 class KLKeyGrad:
-    """Inputs of the fused indexer KL (5. and 6. above). lses / psum: [Hkv, T] fp32 student LSE
-    (natural log) and teacher mass on each (group, token)'s support, from the KL forward.
-    key_grad: dk_idx in the KV pass; student_mean ([T, Hkv, Di] fp32 sum_j Q_j k_idx_j, from the
-    student-only forward): the dQ pass computes dq_idx and the per-row KL (deferred KL)."""
+    """Inputs of the fused indexer-KL key gradient (see 5. above). lses / psum: [Hkv, T] fp32 student
+    LSE (natural log) and teacher mass on each (group, token)'s support, from the KL forward."""
 
     q_idx: torch.Tensor  # [T, Hkv, Di], q's dtype
     k_idx: torch.Tensor  # [Tk, Di]
     lses: torch.Tensor
     psum: torch.Tensor
     index_scale: float
-    key_grad: bool = True
-    student_mean: Optional[torch.Tensor] = None
-
-
-@dataclass
-class KLGrads:
-    """What the backward computed for the KL (fp32, before the incoming gradient's scale): dk_idx
-    [Tk, Di] (key_grad), dq_idx [T, Hkv, Di] and the per-(group, token) KL [Hkv, T] (deferred KL)."""
-
-    dk_idx: Optional[torch.Tensor] = None
-    dq_idx: Optional[torch.Tensor] = None
-    rows: Optional[torch.Tensor] = None
 
 
 @triton.jit
@@ -165,12 +140,10 @@ def _sparse_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     TILE_BLOCKS, TILE_MASKS, TILE_COUNTS, QK_ROW,
     T, TK, NUM_TILES, STRIDE, sm_scale, qk_scale,
-    QI, KI, LSES, PSUM, BST, DQI, KLV, iscale,  # deferred KL: BST / DQI [T, HKV, DI] fp32, KLV [HKV, T]
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     TM: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr, DOT_MODE: tl.constexpr,
-    WITH_KL: tl.constexpr, DI: tl.constexpr, TMP: tl.constexpr, HEAD_MEAN: tl.constexpr,
 ):
-    """Deterministic dQ: Q-outer over the forward's union schedule, no atomics (+ the deferred KL, 6.)."""
+    """Deterministic dQ: Q-outer over the forward's union schedule, no atomics."""
     tile = tl.program_id(0)
     r = tl.program_id(1)
     M: tl.constexpr = TM * GP
@@ -194,19 +167,6 @@ def _sparse_bwd_dq_kernel(
     n_union = tl.load(TILE_COUNTS + sched)
     sched_off = sched * STRIDE
     n_cols = tl.arange(0, BLOCK_N)
-    if WITH_KL:
-        e = tl.arange(0, DI)
-        if HEAD_MEAN == 0:
-            R: tl.constexpr = TMP
-            tsel = tl.arange(0, TMP)
-            # [TMP, M] 0/1: token row i sums the G head rows of token i (padding rows and heads: 0).
-            sel = (((rows // GP)[None, :] == tsel[:, None]) & (g < G)[None, :]).to(tl.float32)
-            acc_a = tl.zeros([TMP, DI], dtype=tl.float32)
-        else:
-            R: tl.constexpr = TM
-            tsel = tl.arange(0, TM)
-            acc_rows = tl.zeros([M, DI], dtype=tl.float32)  # per head row; head sum after the loop
-        ent = tl.zeros([R], dtype=tl.float32)
     for it in range(0, n_union * NSUB):
         u = it // NSUB
         sub = it % NSUB
@@ -224,30 +184,7 @@ def _sparse_bwd_dq_kernel(
         dp = mma(do, tl.trans(v), DOT_MODE)
         ds = p * (dp - delta[:, None])
         dq += mma(ds.to(k.dtype), k, DOT_MODE)
-        if WITH_KL:
-            ki = tl.load(KI + k_row.to(tl.int64)[:, None] * DI + e[None, :], mask=k_ok[:, None], other=0.0)
-            if HEAD_MEAN == 0:
-                pbar = mma(sel, p, DOT_MODE) * (1.0 / G)  # [TMP, BLOCK_N] teacher: head mean of P
-                acc_a += mma(pbar.to(ki.dtype), ki, DOT_MODE)
-            else:
-                pbar = tl.sum(tl.reshape(p, [TM, GP, BLOCK_N]), 1) * (1.0 / G)  # [TM, BLOCK_N]
-                acc_rows += mma(p.to(ki.dtype), ki, DOT_MODE)
-            ent += tl.sum(tl.where(pbar > 0, pbar * tl.log(tl.where(pbar > 0, pbar, 1.0)), 0.0), 1)
     tl.store(DQ + q_off[:, None] + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
-    if WITH_KL:
-        if HEAD_MEAN != 0:
-            acc_a = tl.sum(tl.reshape(acc_rows, [TM, GP, DI]), 1) * (1.0 / G)  # [TM, DI]
-        tok_t = tile * TM + tsel
-        t_ok = (tsel < TM) & (tok_t < T)
-        st_off = r.to(tl.int64) * T + tok_t
-        lses = tl.load(LSES + st_off, mask=t_ok, other=0.0)
-        psum = tl.load(PSUM + st_off, mask=t_ok, other=0.0)
-        i_off = ((tok_t.to(tl.int64) * HKV + r) * DI)[:, None] + e[None, :]
-        qi = tl.load(QI + i_off, mask=t_ok[:, None], other=0.0).to(tl.float32)
-        bst = tl.load(BST + i_off, mask=t_ok[:, None], other=0.0)
-        pt = tl.sum(qi * acc_a, 1) * iscale  # sum_j p_j t_j
-        tl.store(KLV + st_off, ent - pt + lses * psum, mask=t_ok)
-        tl.store(DQI + i_off, (bst * psum[:, None] - acc_a) * iscale, mask=t_ok[:, None])
 
 
 def dq_mode(bcfg: BwdConfig, tiles: QTileSchedule, blk_rows: torch.Tensor) -> str:
@@ -265,9 +202,9 @@ def dq_mode(bcfg: BwdConfig, tiles: QTileSchedule, blk_rows: torch.Tensor) -> st
 def sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, tiles: QTileSchedule, blk_rows: torch.Tensor,
                          qk_rows: torch.Tensor, block_size: int, scale: float, deterministic: bool,
                          bcfg: BwdConfig, max_blocks: int, kl: Optional[KLKeyGrad] = None):
-    """Gradients (dq, dk, dv) in the input dtype, plus, with ``kl``, the KL's :class:`KLGrads`
-    (else None). max_blocks: upper bound on the key blocks of all sequences (sizes the KV-unit grid
-    without a host sync). A deferred KL (``kl.student_mean``) takes the Q-outer dQ pass."""
+    """Gradients (dq, dk, dv) in the input dtype, plus, with ``kl``, the KL sum's gradient w.r.t.
+    k_idx as fp32 [Tk, Di] (else None). max_blocks: upper bound on the key blocks of all sequences
+    (sizes the KV-unit grid without a host sync)."""
     t, hq, hkv, dim, group = check_shapes(q, k, v, block_size)
     tk = k.shape[0]
     d_out = d_out.contiguous()
@@ -280,51 +217,40 @@ def sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, tiles: QTileSchedule, 
             HAS_DLSE=d_lse is not None, D=dim, BLOCK_R=block_r)
     gp = next_pow2(group)
     block_n = min(bcfg.block_n, block_size)
-    deferred = kl is not None and kl.student_mean is not None
-    mode = "qouter" if deterministic or deferred else dq_mode(bcfg, tiles, blk_rows)
+    mode = "qouter" if deterministic else dq_mode(bcfg, tiles, blk_rows)
     units = build_kv_units(blk_rows, 0 if deterministic else bcfg.chunk, tk, max_blocks)
     dk32 = torch.zeros((tk, hkv, dim), dtype=torch.float32, device=q.device)
     dv32 = torch.zeros_like(dk32)
     dq32 = torch.zeros((t, hq, dim), dtype=torch.float32, device=q.device) if mode == "atomic" else None
-    key_kl = kl if kl is not None and kl.key_grad else None
-    di = kl.k_idx.shape[1] if kl is not None else 16
     dki32 = None
-    if key_kl is not None:
+    if kl is not None:
         # Deterministic: one buffer per group (each element gets one add), summed in a fixed order.
-        dki32 = torch.zeros((hkv if deterministic else 1, tk, di), dtype=torch.float32, device=q.device)
+        dki32 = torch.zeros((hkv if deterministic else 1, tk, kl.k_idx.shape[1]), dtype=torch.float32,
+                            device=q.device)
     if units.num_units:
-        kl_args = ((kl.q_idx, kl.k_idx, kl.lses, kl.psum, dki32, t, tk * di if deterministic else 0,
-                    kl.index_scale * LOG2E) if key_kl is not None else (dk32,) * 5 + (t, 0, 0.0))
+        kl_args = ((kl.q_idx, kl.k_idx, kl.lses, kl.psum, dki32, t, tk * kl.k_idx.shape[1] if deterministic else 0,
+                    kl.index_scale * LOG2E) if kl is not None else (dk32,) * 5 + (t, 0, 0.0))
         _sparse_bwd_kv_kernel[(units.num_units, block_size // block_n)](
             q, k, v, d_out, lse, delta, dq32 if dq32 is not None else dk32, dk32, dv32,
             units.tokens, units.unit_group, units.unit_block_row, units.unit_begin, units.unit_end, qk_rows,
             tk, scale, scale * LOG2E, *kl_args,
             HQ=hq, HKV=hkv, G=group, GP=gp, D=dim, TM=bcfg.tokens_per_step(group), BLOCK_N=block_n,
             WRITE_DQ=mode == "atomic", DOT_MODE=dot_mode(q.dtype), num_warps=bcfg.num_warps,
-            num_stages=bcfg.num_stages, WITH_KL=key_kl is not None, DI=di)
-    grads = KLGrads() if kl is not None else None
+            num_stages=bcfg.num_stages, WITH_KL=kl is not None,
+            DI=kl.k_idx.shape[1] if kl is not None else 16)
     if mode == "qouter":
         dq = torch.empty_like(q)
-        if deferred:
-            grads.dq_idx = torch.empty((t, hkv, di), dtype=torch.float32, device=q.device)
-            grads.rows = torch.zeros((hkv, t), dtype=torch.float32, device=q.device)
-            kl_args = (kl.q_idx, kl.k_idx, kl.lses, kl.psum, kl.student_mean, grads.dq_idx, grads.rows,
-                       kl.index_scale)
-        else:
-            kl_args = (dk32,) * 7 + (0.0,)
         if t:
             _sparse_bwd_dq_kernel[(tiles.num_tiles, hkv)](
                 q, k, v, d_out, lse, delta, dq,
                 tiles.block_rows, tiles.token_masks, tiles.counts, qk_rows,
-                t, tk, tiles.num_tiles, tiles.stride, scale, scale * LOG2E, *kl_args,
+                t, tk, tiles.num_tiles, tiles.stride, scale, scale * LOG2E,
                 HQ=hq, HKV=hkv, G=group, GP=gp, D=dim, TM=tiles.tokens_per_tile, BLOCK_KV=block_size,
                 BLOCK_N=min(bcfg.dq_block_n, block_size), DOT_MODE=dot_mode(q.dtype),
-                WITH_KL=deferred, DI=di, TMP=max(16, next_pow2(tiles.tokens_per_tile)),
-                HEAD_MEAN=DEFERRED_KL["head_mean"] if deferred else 0,
-                num_warps=DEFERRED_KL["num_warps"] if deferred else bcfg.dq_num_warps,
-                num_stages=bcfg.dq_num_stages)
+                num_warps=bcfg.dq_num_warps, num_stages=bcfg.dq_num_stages)
     else:
         dq = dq32.to(q.dtype)
+    dk_idx = None
     if dki32 is not None:
-        grads.dk_idx = dki32.sum(0) * (kl.index_scale / group)  # the head mean's 1/G, d t / d k_idx
-    return dq, dk32.to(k.dtype), dv32.to(v.dtype), grads
+        dk_idx = dki32.sum(0) * (kl.index_scale / group)  # the head mean's 1/G, d t / d k_idx
+    return dq, dk32.to(k.dtype), dv32.to(v.dtype), dk_idx

@@ -50,29 +50,28 @@ def _teacher_student_tile(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, stride_lh,
     stride_qit, stride_qih, stride_kit,
     G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
-    PRECISION: tl.constexpr, TEACHER: tl.constexpr = True,
+    PRECISION: tl.constexpr,
 ):
-    """Teacher probabilities P [M, N] (zeros without TEACHER), student logits t [M, N] (-inf off
-    support), q_idx [M, DIP], k_idx [N, DIP] and the support mask of one (query rows x key rows) tile."""
+    """Teacher probabilities P [M, N], student logits t [M, N] (-inf off support), q_idx [M, DIP],
+    k_idx [N, DIP] and the support mask of one (query rows x key rows) tile."""
     mask = q_ok[:, None] & k_ok[None, :] & (k_rows[None, :] <= qk_rows[:, None])  # [M, N]
     offs_d = tl.arange(0, DP)
     d_ok = offs_d < D
+    k = tl.load(K + k_rows[:, None] * stride_kt + r * stride_kh + offs_d[None, :],
+                mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [N, DP]
     # One [M, D] x [D, N] dot per head. (Packing the G heads into one [M*G, D] operand with a
     # reshape-sum for the head mean measured 3x slower on H200: see kernels/BENCHMARKS_index.md.)
     p = tl.zeros(mask.shape, tl.float32)
-    if TEACHER:
-        k = tl.load(K + k_rows[:, None] * stride_kt + r * stride_kh + offs_d[None, :],
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [N, DP]
-        for h in range(G):
-            head = r * G + h
-            qh = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                         mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # [M, DP]
-            s = tl.dot(qh, tl.trans(k), input_precision=PRECISION) * scale  # [M, N]
-            lse = tl.load(LSE + q_rows * stride_lt + head * stride_lh, mask=q_ok, other=0.0)  # [M]
-            # An empty main-branch support (lse = -inf) contributes p = 0, as in the reference.
-            lse = tl.where(lse == float("-inf"), 0.0, lse)
-            p += tl.exp(tl.where(mask, s - lse[:, None], float("-inf")))
-        p = p / G
+    for h in range(G):
+        head = r * G + h
+        qh = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                     mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # [M, DP]
+        s = tl.dot(qh, tl.trans(k), input_precision=PRECISION) * scale  # [M, N]
+        lse = tl.load(LSE + q_rows * stride_lt + head * stride_lh, mask=q_ok, other=0.0)  # [M]
+        # An empty main-branch support (lse = -inf) contributes p = 0, as in the reference.
+        lse = tl.where(lse == float("-inf"), 0.0, lse)
+        p += tl.exp(tl.where(mask, s - lse[:, None], float("-inf")))
+    p = p / G
     offs_e = tl.arange(0, DIP)
     e_ok = offs_e < DI
     qi = tl.load(QI + q_rows[:, None] * stride_qit + r * stride_qih + offs_e[None, :],
@@ -86,45 +85,35 @@ def _teacher_student_tile(
 
 @triton.jit
 def _accumulate_row_stats(p, t, ki, mask, m_i, l_i, psum, plogp, pt, acc_e, acc_p,
-                          WANT_DQ: tl.constexpr, PRECISION: tl.constexpr, TEACHER: tl.constexpr = True):
+                          WANT_DQ: tl.constexpr, PRECISION: tl.constexpr):
     """Fold one tile into the per-row KL statistics (online student LSE, rescaled dq sums)."""
     m_new = tl.maximum(m_i, tl.max(t, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_safe)
     e = tl.exp(t - m_safe[:, None])  # 0 off support
     l_i = l_i * alpha + tl.sum(e, 1)
-    if TEACHER:
-        psum += tl.sum(p, 1)
-        plogp += tl.sum(tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), 1)
-        pt += tl.sum(p * tl.where(mask, t, 0.0), 1)
+    psum += tl.sum(p, 1)
+    plogp += tl.sum(tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), 1)
+    pt += tl.sum(p * tl.where(mask, t, 0.0), 1)
     if WANT_DQ:
         acc_e = acc_e * alpha[:, None] + tl.dot(e.to(ki.dtype), ki, input_precision=PRECISION)
-        if TEACHER:
-            acc_p += tl.dot(p.to(ki.dtype), ki, input_precision=PRECISION)
+        acc_p += tl.dot(p.to(ki.dtype), ki, input_precision=PRECISION)
     return m_new, l_i, psum, plogp, pt, acc_e, acc_p
 
 
 @triton.jit
 def _finish_rows(KL, LSES, PSUM, DQ, q_rows, q_ok, r, stride_st, stride_dqt, stride_dqh,
                  m_i, l_i, psum, plogp, pt, acc_e, acc_p, iscale,
-                 DI: tl.constexpr, DIP: tl.constexpr, WANT_DQ: tl.constexpr, TEACHER: tl.constexpr = True):
-    """TEACHER: KL, student LSE, teacher mass and dq_idx per row. Student only: the student LSE,
-    the support indicator as the teacher mass (the main branch's own probabilities sum to 1 on a
-    nonempty support) and, in DQ, the student expectation sum_j Q_j k_idx_j."""
+                 DI: tl.constexpr, DIP: tl.constexpr, WANT_DQ: tl.constexpr):
     has = l_i > 0
     lse_t = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), 0.0)  # reference: empty -> 0
-    if TEACHER:
-        tl.store(KL + r * stride_st + q_rows, plogp - pt + lse_t * psum, mask=q_ok)
-    else:
-        psum = has.to(tl.float32)
+    kl = plogp - pt + lse_t * psum
+    tl.store(KL + r * stride_st + q_rows, kl, mask=q_ok)
     tl.store(LSES + r * stride_st + q_rows, lse_t, mask=q_ok)
     tl.store(PSUM + r * stride_st + q_rows, psum, mask=q_ok)
     if WANT_DQ:
         inv_l = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
-        if TEACHER:
-            dq = (acc_e * (psum * inv_l)[:, None] - acc_p) * iscale  # [M, DIP]
-        else:
-            dq = acc_e * inv_l[:, None]
+        dq = (acc_e * (psum * inv_l)[:, None] - acc_p) * iscale  # [M, DIP]
         offs_e = tl.arange(0, DIP)
         tl.store(DQ + q_rows[:, None] * stride_dqt + r * stride_dqh + offs_e[None, :], dq,
                  mask=q_ok[:, None] & (offs_e < DI)[None, :])
@@ -174,7 +163,7 @@ def _kl_sparse_fwd_kernel(
     stride_br, stride_bt, stride_cr,
     G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
     TM: tl.constexpr, BK: tl.constexpr, BKP: tl.constexpr,
-    WANT_DQ: tl.constexpr, PRECISION: tl.constexpr, TEACHER: tl.constexpr,
+    WANT_DQ: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1).to(tl.int64)
@@ -202,11 +191,11 @@ def _kl_sparse_fwd_kernel(
         p, t, qi, ki, mask = _teacher_student_tile(
             Q, K, LSE, QI, KI, q_rows, row_ok & picked, qk_rows, k_rows, k_ok, r, scale, iscale,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, stride_lh,
-            stride_qit, stride_qih, stride_kit, G, D, DP, DI, DIP, PRECISION, TEACHER)
+            stride_qit, stride_qih, stride_kit, G, D, DP, DI, DIP, PRECISION)
         m_i, l_i, psum, plogp, pt, acc_e, acc_p = _accumulate_row_stats(
-            p, t, ki, mask, m_i, l_i, psum, plogp, pt, acc_e, acc_p, WANT_DQ, PRECISION, TEACHER)
+            p, t, ki, mask, m_i, l_i, psum, plogp, pt, acc_e, acc_p, WANT_DQ, PRECISION)
     _finish_rows(KL, LSES, PSUM, DQ, q_rows, row_ok, r, stride_st, stride_dqt, stride_dqh,
-                 m_i, l_i, psum, plogp, pt, acc_e, acc_p, iscale, DI, DIP, WANT_DQ, TEACHER)
+                 m_i, l_i, psum, plogp, pt, acc_e, acc_p, iscale, DI, DIP, WANT_DQ)
 
 
 @triton.jit
@@ -586,10 +575,7 @@ def union_schedule_or_none(topk_idx, layout, block_size, device, deterministic: 
 
 
 def _sparse_forward(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size, scale, iscale, want_dq,
-                    schedule=None, teacher: bool = True):
-    """Union-tile forward: (kl, lses, psum [Hkv, T], dq_idx [T, Hkv, Di] fp32, qk_rows, blk_rows).
-    teacher=False is the student-only pass of the deferred KL (msa_kernels.kl.fused): kl is left
-    unwritten, psum is the nonempty-support indicator and dq holds sum_j Q_j k_idx_j instead."""
+                    schedule=None):
     t, hq, hkv, d, di, g = _check_kernel_limits(q, k, q_idx, k_idx)
     dev = q.device
     cfg = _cfg(dev)
@@ -611,7 +597,7 @@ def _sparse_forward(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size, scale
         dq.stride(0) if want_dq else 0, dq.stride(1) if want_dq else 0,
         sched.block_rows.stride(0), sched.block_rows.stride(1), sched.counts.stride(0),
         G=g, D=d, DP=pow2_at_least_16(d), DI=di, DIP=pow2_at_least_16(di), TM=tm, BK=block_size,
-        BKP=bkp, WANT_DQ=want_dq, PRECISION=prec, TEACHER=teacher, num_warps=cfg["qtile_warps"],
+        BKP=bkp, WANT_DQ=want_dq, PRECISION=prec, num_warps=cfg["qtile_warps"],
         num_stages=cfg["stages"],
     )
     return kl, lses, psum, dq, qk_rows, blk_rows

@@ -169,13 +169,11 @@ class MSACoreAttention(MegatronModule):
                     force_sink=cfg.msa_force_sink, local_window=cfg.msa_local_window, **kw,
                 )
             if want_kl:
-                # One node: the KL (its value too, defer_kl) rides along the attention backward,
-                # which recomputes the teacher probabilities anyway; the tracker reads the value
-                # after backward.
+                # One node: the KL's key gradient rides along the attention backward, which
+                # recomputes the teacher probabilities anyway.
                 out, lse, kl_sum = msa_kernels.sparse_attention_and_kl(
                     q, k, v, topk_idx, q_idx, k_idx, layout.cu_seqlens, cfg.msa_block_size,
-                    scale=self.softmax_scale, reduction="sum", deterministic=cfg.msa_deterministic,
-                    defer_kl=True, **kw,
+                    scale=self.softmax_scale, reduction="sum", deterministic=cfg.msa_deterministic, **kw,
                 )
             else:
                 out, lse = msa_kernels.sparse_attention(
@@ -193,11 +191,11 @@ class MSACoreAttention(MegatronModule):
         if want_kl:
             # This rank's share of the micro-batch mean over (token, group): summing over TP
             # (groups) and CP (tokens) ranks gives the global mean.
-            # (kl_sum itself, not kl_sum / denom: a deferred value is only written in backward.)
             denom = layout.q_positions.numel() * self.cp_size * cfg.num_query_groups
-            kl_tracker.record(self.layer_number, kl_sum, scale=1.0 / denom)
+            kl = kl_sum / denom
+            kl_tracker.record(self.layer_number, kl)
             if cfg.msa_kl_coeff > 0:
-                out = KLAutoScaler.apply(out, kl_sum, float(cfg.msa_kl_coeff) / denom)
+                out = KLAutoScaler.apply(out, kl, float(cfg.msa_kl_coeff))
         if recall.recall_requested():
             self._record_recall(q, k, q_idx, k_idx, topk_idx, layout)
         return out

@@ -1,23 +1,20 @@
 """Per-layer indexer-KL tracker, read by the trainer for train/indexer_kl and indexer_kl/layer_XX.
 
-Each MSA layer records its KL value (detached) once per forward. A layer's local value is its
-share of the micro-batch's global mean (local sum / global token-group count), so the sum over TP
-and CP ranks is the global KL of the micro-batch. ``get_kl_metrics`` reduces across TP+CP (sum),
+Each MSA layer adds its KL value (detached) once per forward. A layer's local value is its share
+of the micro-batch's global mean (local sum / global token-group count), so the sum over TP and
+CP ranks is the global KL of the micro-batch. ``get_kl_metrics`` reduces across TP+CP (sum),
 PP (layers live on one stage), DP (average) and divides by the number of micro-batches seen.
 Every rank must call it (it is collective).
-
-Values are kept as tensors and read only in ``get_kl_metrics``: the sparse stage's deferred KL
-(msa_kernels.sparse_attention_and_kl(defer_kl=True)) is written by the backward pass, so the
-tracker must be read after the step's backward (as the trainer's logging does).
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict
 
 import torch
 
-_VALUES: Dict[int, List[Tuple[torch.Tensor, float]]] = {}
+_VALUES: Dict[int, torch.Tensor] = {}
+_COUNTS: Dict[int, int] = {}
 _STATE = {"num_layers": 0}
 
 
@@ -26,15 +23,17 @@ def set_num_layers(num_layers: int) -> None:
     _STATE["num_layers"] = max(_STATE["num_layers"], int(num_layers))
 
 
-def record(layer_number: int, value: torch.Tensor, scale: float = 1.0) -> None:
-    """Record one micro-batch's local KL of a layer (1-based global layer number) as
-    ``value * scale``; the tensor is read later (see the module docstring)."""
+def record(layer_number: int, value: torch.Tensor) -> None:
+    """Add one micro-batch's local KL value for a layer (1-based global layer number)."""
     _STATE["num_layers"] = max(_STATE["num_layers"], layer_number)
-    _VALUES.setdefault(layer_number, []).append((value.detach().reshape(()), float(scale)))
+    v = value.detach().float().reshape(())
+    _VALUES[layer_number] = _VALUES[layer_number] + v if layer_number in _VALUES else v.clone()
+    _COUNTS[layer_number] = _COUNTS.get(layer_number, 0) + 1
 
 
 def clear() -> None:
     _VALUES.clear()
+    _COUNTS.clear()
 
 
 def _groups():
@@ -51,7 +50,7 @@ def _groups():
 
 def _device() -> torch.device:
     if _VALUES:
-        return next(iter(_VALUES.values()))[0][0].device
+        return next(iter(_VALUES.values())).device
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -65,9 +64,9 @@ def get_kl_metrics(reset: bool = True) -> Dict[int, float]:
     device = _device()
     values = torch.zeros(n, dtype=torch.float32, device=device)
     counts = torch.zeros(n, dtype=torch.float32, device=device)
-    for layer, recs in _VALUES.items():
-        values[layer - 1] = torch.stack([v.float() * s for v, s in recs]).sum().to(device)
-        counts[layer - 1] = float(len(recs))
+    for layer, v in _VALUES.items():
+        values[layer - 1] = v.to(device)
+        counts[layer - 1] = float(_COUNTS[layer])
     groups = _groups()
     if groups is not None:
         tpcp, pp, dp = groups

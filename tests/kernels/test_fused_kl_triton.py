@@ -1,6 +1,5 @@
-"""sparse_attention_and_kl: the fused Triton node (KL key gradient inside the attention backward;
-with defer_kl also the KL value and query gradient inside its dQ pass) against the two separate
-reference ops, forward values and all five gradients.
+"""sparse_attention_and_kl: the fused Triton node (KL key gradient inside the attention backward)
+against the two separate reference ops, forward values and all five gradients.
 
 CPU: kernels under TRITON_INTERPRET=1 at tiny sizes, fp32 (~1e-5), fresh random inputs, every
 allocation poisoned; packed odd lengths, a sequence shorter than one block, G = 1 / 2 / 4, top-k
@@ -85,13 +84,13 @@ def _reference(topk_idx, lay, bs, reduction):
     return fn
 
 
-def _fused(topk_idx, lay, bs, reduction, deterministic, max_union_waste=math.inf, defer=False):
+def _fused(topk_idx, lay, bs, reduction, deterministic, max_union_waste=math.inf):
     def fn(q, k, v, q_idx, k_idx):
         with poison_allocations():
             out, lse, kl = fused.sparse_attention_kl_triton(
                 q, k, v, topk_idx, q_idx, k_idx, lay, block_size=bs, scale=q.shape[-1] ** -0.5,
                 index_scale=q_idx.shape[-1] ** -0.5, reduction=reduction, deterministic=deterministic,
-                max_union_waste=max_union_waste, defer_kl=defer)
+                max_union_waste=max_union_waste)
         fn.node = type(out.grad_fn).__name__
         return out, lse, kl
     return fn
@@ -118,25 +117,23 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("defer", [False, True], ids=["kl_fwd", "kl_deferred"])
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_fused_matches_the_separate_references(case, deterministic, defer):
+def test_fused_matches_the_separate_references(case, deterministic):
     inputs, topk_idx, lay, bs, up = _case(*case)
-    fn = _fused(topk_idx, lay, bs, "mean", deterministic, defer=defer)
+    fn = _fused(topk_idx, lay, bs, "mean", deterministic)
     got = _run(fn, inputs, up)
     assert fn.node == "_SparseAttentionKLTritonBackward"  # the fused node ran, not the fallback
     _assert_close(got, _run(_reference(topk_idx, lay, bs, "mean"), inputs, up), 2e-5)
 
 
-@pytest.mark.parametrize("defer", [False, True], ids=["kl_fwd", "kl_deferred"])
-def test_fused_context_parallel_zigzag_and_sum_reduction(defer):
+def test_fused_context_parallel_zigzag_and_sum_reduction():
     """A rank's two zigzag query chunks against the whole sequence's keys (bottom-right alignment)."""
     lens, cp = [96, 64], 2
     _, cu, ks, kl = zigzag_rank(lens, cp, 1)
     inputs, topk_idx, lay, bs, up = _case([int(x) for x in (cu[1:] - cu[:-1])], 8, 2, 16, 16, 16, 3,
                                           key_layout=(ks, kl))
-    fn = _fused(topk_idx, lay, bs, "sum", False, defer=defer)
+    fn = _fused(topk_idx, lay, bs, "sum", False)
     got = _run(fn, inputs, up)
     assert fn.node == "_SparseAttentionKLTritonBackward"
     _assert_close(got, _run(_reference(topk_idx, lay, bs, "sum"), inputs, up), 2e-5)
@@ -164,32 +161,9 @@ def test_groups_above_the_fusion_limit_keep_the_separate_ops():
     _assert_close(got, _run(_reference(topk_idx, lay, bs, "mean"), inputs, up), 2e-5)
 
 
-@pytest.mark.parametrize("hq", [16, 6], ids=["G8", "G3"])
-def test_deferred_kl_fuses_any_group_size(hq):
-    """defer_kl: the KL's query gradient and value come from the dQ pass for every G (no per-head-row
-    redundancy there); G above FUSE_MAX_GROUP takes its key gradient from the separate KL key pass."""
-    inputs, topk_idx, lay, bs, up = _case([40, 47], hq, 2, 16, 16, 16, 3)
-    fn = _fused(topk_idx, lay, bs, "mean", False, defer=True)
-    got = _run(fn, inputs, up)
-    assert fn.node == "_SparseAttentionKLTritonBackward"
-    _assert_close(got, _run(_reference(topk_idx, lay, bs, "mean"), inputs, up), 2e-5)
-
-
-def test_deferred_kl_value_is_nan_until_backward():
-    """The deferred value must not be mistaken for a result before the backward has written it."""
-    inputs, topk_idx, lay, bs, up = _case([50, 29], 8, 2, 16, 16, 16, 3)
-    xs = {n: x.detach().clone().requires_grad_(True) for n, x in inputs.items()}
-    out, lse, kl = _fused(topk_idx, lay, bs, "sum", False, defer=True)(**xs)
-    assert torch.isnan(kl)
-    want = _reference(topk_idx, lay, bs, "sum")(**inputs)[2]
-    (out.float().sum() + kl).backward()
-    assert torch.allclose(kl.detach().cpu(), want.detach().cpu(), rtol=2e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("defer", [False, True], ids=["kl_fwd", "kl_deferred"])
-def test_deterministic_fused_is_bitwise_reproducible(defer):
+def test_deterministic_fused_is_bitwise_reproducible():
     inputs, topk_idx, lay, bs, up = _case([70, 33], 8, 2, 16, 16, 16, 3)
-    fn = _fused(topk_idx, lay, bs, "mean", True, defer=defer)
+    fn = _fused(topk_idx, lay, bs, "mean", True)
     (v1, g1), (v2, g2) = _run(fn, inputs, up), _run(fn, inputs, up)
     assert all(torch.equal(a, b) for a, b in zip(v1, v2))
     assert all(torch.equal(g1[n], g2[n]) for n in g1)
@@ -215,16 +189,15 @@ def test_public_op_equals_the_two_calls_on_the_reference_backend(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("defer", [False, True], ids=["kl_fwd", "kl_deferred"])
 @pytest.mark.parametrize("seqlens,hq,hkv", [([8192], 64, 8), ([5000, 11384], 16, 4)])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_gpu_fused_bf16_matches_fp32_reference(seqlens, hq, hkv, deterministic, defer):
+def test_gpu_fused_bf16_matches_fp32_reference(seqlens, hq, hkv, deterministic):
     q_idx_sel = torch.randn(sum(seqlens), hkv, 128, device=DEV, dtype=torch.bfloat16)
     inputs, _, lay, bs, up = _case(seqlens, hq, hkv, 128, 128, 128, 16, dtype=torch.bfloat16, p_empty=0.0)
     cu = cu_seqlens_of(seqlens).to(DEV)
     # Real selections (select_blocks on the index vectors), so the fused path is taken.
     topk_idx = msa_kernels.select_blocks(inputs["q_idx"] + 0.3 * q_idx_sel, inputs["k_idx"], cu, bs, 16)
-    fn = _fused(topk_idx, lay, bs, "mean", deterministic, max_union_waste=None, defer=defer)
+    fn = _fused(topk_idx, lay, bs, "mean", deterministic, max_union_waste=None)
     got = _run(fn, inputs, up)
     want = _run(_reference(topk_idx, lay, bs, "mean"), {n: x.float() for n, x in inputs.items()}, up)
     _assert_close(got, want, 2e-2)
