@@ -34,6 +34,9 @@ from .triton_common import (LOG2E, BwdConfig, QTileSchedule, build_kv_units, che
 __all__ = ["sparse_attention_bwd", "dq_mode", "KLKeyGrad"]
 
 
+KL_PER_TOKEN = True
+
+
 @dataclass
 class KLKeyGrad:
     """Inputs of the fused indexer-KL key gradient (see 5. above). lses / psum: [Hkv, T] fp32 student
@@ -69,7 +72,7 @@ def _sparse_bwd_kv_kernel(
     T, stride_dkih, iscale2,  # DKI32 group stride (0: one shared [Tk, DI] buffer); iscale * log2(e)
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     TM: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_DQ: tl.constexpr, DOT_MODE: tl.constexpr,
-    WITH_KL: tl.constexpr, DI: tl.constexpr,
+    WITH_KL: tl.constexpr, DI: tl.constexpr, KL_TOKENS: tl.constexpr, TMK: tl.constexpr,
 ):
     unit = tl.program_id(0)
     sub = tl.program_id(1)
@@ -93,6 +96,10 @@ def _sparse_bwd_kv_kernel(
         e = tl.arange(0, DI)
         ki = tl.load(KI + k_row.to(tl.int64)[:, None] * DI + e[None, :], mask=k_ok[:, None], other=0.0)
         dki = tl.zeros([BLOCK_N, DI], dtype=tl.float32)
+        if KL_TOKENS:
+            tcol = tl.arange(0, TMK)  # token slots of a step, padded to an MMA width
+            # [M, TMK] 0/1: column i sums the head rows of token slot i (P^T @ sel = G x head mean).
+            sel = ((tm[:, None] == tcol[None, :]) & (g < G)[:, None]).to(Q.dtype.element_ty)
     for start in range(begin, end, TM):
         idx = start + tm
         tok = tl.load(TOKENS + idx, mask=idx < end, other=-1)  # -1: padding / repeated pick
@@ -109,14 +116,33 @@ def _sparse_bwd_kv_kernel(
         s_t = mma(k, tl.trans(q), DOT_MODE) * qk_scale  # [BLOCK_N, M], log2 units
         visible = row_ok[None, :] & (k_row[:, None] <= qk_row[None, :])
         p_t = tl.where(visible, tl.math.exp2(s_t - lse[None, :]), 0.0)
-        dv += mma(p_t.to(do.dtype), do, DOT_MODE)  # [BLOCK_N, D]
+        pb_t = p_t.to(do.dtype)
+        dv += mma(pb_t, do, DOT_MODE)  # [BLOCK_N, D]
         dp_t = mma(v, tl.trans(do), DOT_MODE)  # [BLOCK_N, M]
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk += mma(ds_t, q, DOT_MODE)
         if WRITE_DQ:
             dq = mma(tl.trans(ds_t), k, DOT_MODE) * sm_scale  # [M, D]
             tl.atomic_add(DQ32 + q_off[:, None] + d[None, :], dq, mask=row_ok[:, None], sem="relaxed")
-        if WITH_KL:
+        if WITH_KL and KL_TOKENS:
+            # Student once per token (not per head row): logits [BLOCK_N, TMK] of the step's tokens,
+            # teacher = head sum of P^T by the selection MMA.
+            tidx = start + tcol
+            ttok = tl.load(TOKENS + tidx, mask=(tcol < TM) & (tidx < end), other=-1)
+            t_ok = ttok >= 0
+            tqk = tl.load(QK_ROW + ttok, mask=t_ok, other=-1)
+            qi = tl.load(QI + ((ttok.to(tl.int64) * HKV + r) * DI)[:, None] + e[None, :],
+                         mask=t_ok[:, None], other=0.0)  # [TMK, DI]
+            st_off = r.to(tl.int64) * T + ttok
+            lses = tl.load(LSES + st_off, mask=t_ok, other=0.0) * 1.4426950408889634
+            psum = tl.load(PSUM + st_off, mask=t_ok, other=0.0)
+            t_t = mma(ki, tl.trans(qi), DOT_MODE) * iscale2  # [BLOCK_N, TMK], log2 units
+            t_vis = t_ok[None, :] & (k_row[:, None] <= tqk[None, :])
+            q_t = tl.where(t_vis, tl.math.exp2(t_t - lses[None, :]), 0.0)
+            psum_g = psum * G
+            ds_kl = (q_t * psum_g[None, :] - mma(pb_t, sel, DOT_MODE)).to(qi.dtype)  # G x dKL/dt
+            dki += mma(ds_kl, qi, DOT_MODE)
+        elif WITH_KL:
             # Each head row repeats its token's q_idx: the MMA's sum over rows is the head mean.
             qi = tl.load(QI + ((tok.to(tl.int64) * HKV + r) * DI)[:, None] + e[None, :],
                          mask=row_ok[:, None], other=0.0)  # [M, DI]
@@ -237,7 +263,8 @@ def sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, tiles: QTileSchedule, 
             HQ=hq, HKV=hkv, G=group, GP=gp, D=dim, TM=bcfg.tokens_per_step(group), BLOCK_N=block_n,
             WRITE_DQ=mode == "atomic", DOT_MODE=dot_mode(q.dtype), num_warps=bcfg.num_warps,
             num_stages=bcfg.num_stages, WITH_KL=kl is not None,
-            DI=kl.k_idx.shape[1] if kl is not None else 16)
+            DI=kl.k_idx.shape[1] if kl is not None else 16, KL_TOKENS=KL_PER_TOKEN,
+            TMK=max(16, next_pow2(bcfg.tokens_per_step(group))))
     if mode == "qouter":
         dq = torch.empty_like(q)
         if t:

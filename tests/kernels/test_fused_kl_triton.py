@@ -161,6 +161,19 @@ def test_groups_above_the_fusion_limit_keep_the_separate_ops():
     _assert_close(got, _run(_reference(topk_idx, lay, bs, "mean"), inputs, up), 2e-5)
 
 
+@pytest.mark.parametrize("hq,hkv", [(16, 2), (6, 2), (16, 1)], ids=["G8", "G3", "G16"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_kv_pass_key_gradient_for_any_group_size(monkeypatch, hq, hkv, deterministic):
+    """The KV pass computes the student once per token (not per head row), so the fused key
+    gradient is right for every G, padded (G = 3) and wider than the token slots (G = 16)."""
+    monkeypatch.setattr(fused, "FUSE_MAX_GROUP", 64)
+    inputs, topk_idx, lay, bs, up = _case([40, 47], hq, hkv, 16, 16, 16, 3)
+    fn = _fused(topk_idx, lay, bs, "mean", deterministic)
+    got = _run(fn, inputs, up)
+    assert fn.node == "_SparseAttentionKLTritonBackward"
+    _assert_close(got, _run(_reference(topk_idx, lay, bs, "mean"), inputs, up), 2e-5)
+
+
 def test_deterministic_fused_is_bitwise_reproducible():
     inputs, topk_idx, lay, bs, up = _case([70, 33], 8, 2, 16, 16, 16, 3)
     fn = _fused(topk_idx, lay, bs, "mean", True)
