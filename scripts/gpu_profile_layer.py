@@ -50,8 +50,6 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=None)
     ap.add_argument("--top", type=int, default=25, help="kernels listed per run")
-    ap.add_argument("--variants", default="default",
-                    help="comma-separated: default, kl_rows_g4, kl_tokens_g4, kl_tokens_all")
     a = ap.parse_args()
     import msa_kernels as mk
     from msa_kernels.bench import make_pattern, time_ms
@@ -83,28 +81,13 @@ def main() -> int:
 
     card = torch.cuda.get_device_name(0)
     res = {"card": card, "torch": torch.__version__, "heads": f"{hq}/{hkv}", "T": t, "pattern": a.pattern}
-    from msa_kernels.attention import triton_bwd
-    from msa_kernels.kl import fused
-
-    # Variants of the fused KL key gradient: per head row (the v6 kernel) or per token in the KV pass,
-    # and the largest group that fuses. "default" = the shipped settings.
-    knobs = {"default": {}, "kl_rows_g4": dict(KL_PER_TOKEN=False, FUSE_MAX_GROUP=4),
-             "kl_tokens_g4": dict(KL_PER_TOKEN=True, FUSE_MAX_GROUP=4),
-             "kl_tokens_all": dict(KL_PER_TOKEN=True, FUSE_MAX_GROUP=1 << 20)}
-    variants = [v for v in a.variants.split(",") if v]
-    runs = [(f"msa_{v}" if v != "default" else "msa", msa_layer, knobs[v]) for v in variants]
-    runs.append(("dense_cudnn", dense_layer, {}))
-    names = [r[0] for r in runs]
-    saved = dict(KL_PER_TOKEN=triton_bwd.KL_PER_TOKEN, FUSE_MAX_GROUP=fused.FUSE_MAX_GROUP)
-    for name, fn, kn in runs:
-        triton_bwd.KL_PER_TOKEN = kn.get("KL_PER_TOKEN", saved["KL_PER_TOKEN"])
-        fused.FUSE_MAX_GROUP = kn.get("FUSE_MAX_GROUP", saved["FUSE_MAX_GROUP"])
+    names = ("msa", "dense_cudnn")
+    for name, fn in zip(names, (msa_layer, dense_layer)):
         try:
             res[f"{name}_ms"] = round(time_ms(fn, budget_ms=500), 3)
             res[f"{name}_kernels"] = kernel_table(fn, a.reps)
         except Exception as e:  # noqa: BLE001 - report and keep the other row
             res[f"{name}_error"] = f"{type(e).__name__}: {e}"
-    triton_bwd.KL_PER_TOKEN, fused.FUSE_MAX_GROUP = saved["KL_PER_TOKEN"], saved["FUSE_MAX_GROUP"]
     print(f"card: {card}; {hq}/{hkv} heads, T={t}, pattern {a.pattern}")
     for name in names:
         print(f"\n{name}: {res.get(f'{name}_ms')} ms per fwd+bwd (CUDA events, median)")

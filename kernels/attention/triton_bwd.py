@@ -12,12 +12,13 @@ Backward plan:
 4. Deterministic mode: one unit per (group, block) (so every dK/dV element gets a single add onto
    zero) and the Q-outer dQ pass.
 5. Fused indexer-KL key gradient (``kl`` argument, msa_kernels.kl.fused): the KV pass already holds
-   every head's probability p of its (key, query) pairs, i.e. the KL teacher. With the student
-   logits t = q_idx . k_idx * index_scale and the student LSE / teacher mass from the KL forward,
-   d KL / d t = Q * psum - mean_g p. Rows are (token, head), so the head mean comes out of the MMA
-   itself: each head row carries its token's q_idx and (Q * psum - p_g) / G, and summing the rows
-   of dk_idx += dS_kl^T q_idx over the heads gives the mean (no head reshape). Saves the separate
-   KL key pass that recomputed the teacher.
+   every head's probability p of its (key, query) pairs, i.e. the KL teacher. Per step it adds the
+   student logits t = q_idx . k_idx * index_scale of the step's TOKENS ([BLOCK_N, 16] token slots,
+   one MMA of Di), the teacher's head sum from the bf16 P^T tile of the dV product times a 0/1
+   [M, 16] token-selection matrix (one MMA), and dk_idx += dS_kl^T q_idx with
+   dS_kl = Q * psum - mean_g p (student LSE and teacher mass from the KL forward). Student work runs
+   once per token, not per head row, so this pays off for every group size (BENCHMARKS_index.md,
+   item 13) and saves the separate KL key pass that recomputed the teacher.
 """
 from __future__ import annotations
 
@@ -32,9 +33,6 @@ from .triton_common import (LOG2E, BwdConfig, QTileSchedule, build_kv_units, che
                             mma, next_pow2)
 
 __all__ = ["sparse_attention_bwd", "dq_mode", "KLKeyGrad"]
-
-
-KL_PER_TOKEN = True
 
 
 @dataclass
@@ -72,7 +70,7 @@ def _sparse_bwd_kv_kernel(
     T, stride_dkih, iscale2,  # DKI32 group stride (0: one shared [Tk, DI] buffer); iscale * log2(e)
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     TM: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_DQ: tl.constexpr, DOT_MODE: tl.constexpr,
-    WITH_KL: tl.constexpr, DI: tl.constexpr, KL_TOKENS: tl.constexpr, TMK: tl.constexpr,
+    WITH_KL: tl.constexpr, DI: tl.constexpr, TMK: tl.constexpr,
 ):
     unit = tl.program_id(0)
     sub = tl.program_id(1)
@@ -96,10 +94,9 @@ def _sparse_bwd_kv_kernel(
         e = tl.arange(0, DI)
         ki = tl.load(KI + k_row.to(tl.int64)[:, None] * DI + e[None, :], mask=k_ok[:, None], other=0.0)
         dki = tl.zeros([BLOCK_N, DI], dtype=tl.float32)
-        if KL_TOKENS:
-            tcol = tl.arange(0, TMK)  # token slots of a step, padded to an MMA width
-            # [M, TMK] 0/1: column i sums the head rows of token slot i (P^T @ sel = G x head mean).
-            sel = ((tm[:, None] == tcol[None, :]) & (g < G)[:, None]).to(Q.dtype.element_ty)
+        tcol = tl.arange(0, TMK)  # token slots of a step, padded to an MMA width
+        # [M, TMK] 0/1: column i sums the head rows of token slot i (P^T @ sel = G x head mean).
+        sel = ((tm[:, None] == tcol[None, :]) & (g < G)[:, None]).to(Q.dtype.element_ty)
     for start in range(begin, end, TM):
         idx = start + tm
         tok = tl.load(TOKENS + idx, mask=idx < end, other=-1)  # -1: padding / repeated pick
@@ -124,7 +121,7 @@ def _sparse_bwd_kv_kernel(
         if WRITE_DQ:
             dq = mma(tl.trans(ds_t), k, DOT_MODE) * sm_scale  # [M, D]
             tl.atomic_add(DQ32 + q_off[:, None] + d[None, :], dq, mask=row_ok[:, None], sem="relaxed")
-        if WITH_KL and KL_TOKENS:
+        if WITH_KL:
             # Student once per token (not per head row): logits [BLOCK_N, TMK] of the step's tokens,
             # teacher = head sum of P^T by the selection MMA.
             tidx = start + tcol
@@ -141,17 +138,6 @@ def _sparse_bwd_kv_kernel(
             q_t = tl.where(t_vis, tl.math.exp2(t_t - lses[None, :]), 0.0)
             psum_g = psum * G
             ds_kl = (q_t * psum_g[None, :] - mma(pb_t, sel, DOT_MODE)).to(qi.dtype)  # G x dKL/dt
-            dki += mma(ds_kl, qi, DOT_MODE)
-        elif WITH_KL:
-            # Each head row repeats its token's q_idx: the MMA's sum over rows is the head mean.
-            qi = tl.load(QI + ((tok.to(tl.int64) * HKV + r) * DI)[:, None] + e[None, :],
-                         mask=row_ok[:, None], other=0.0)  # [M, DI]
-            st_off = r.to(tl.int64) * T + tok
-            lses = tl.load(LSES + st_off, mask=row_ok, other=0.0) * 1.4426950408889634
-            psum = tl.load(PSUM + st_off, mask=row_ok, other=0.0)
-            t_t = mma(ki, tl.trans(qi), DOT_MODE) * iscale2  # [BLOCK_N, M] student logits, log2 units
-            q_t = tl.where(visible, tl.math.exp2(t_t - lses[None, :]), 0.0)
-            ds_kl = (q_t * psum[None, :] - p_t).to(qi.dtype)  # x 1/G and index_scale outside
             dki += mma(ds_kl, qi, DOT_MODE)
     out_ok = k_ok & (end > begin)  # empty units of the over-sized grid add nothing
     tl.atomic_add(DK32 + kv_off[:, None] + d[None, :], dk * sm_scale, mask=out_ok[:, None], sem="relaxed")
@@ -263,7 +249,7 @@ def sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, tiles: QTileSchedule, 
             HQ=hq, HKV=hkv, G=group, GP=gp, D=dim, TM=bcfg.tokens_per_step(group), BLOCK_N=block_n,
             WRITE_DQ=mode == "atomic", DOT_MODE=dot_mode(q.dtype), num_warps=bcfg.num_warps,
             num_stages=bcfg.num_stages, WITH_KL=kl is not None,
-            DI=kl.k_idx.shape[1] if kl is not None else 16, KL_TOKENS=KL_PER_TOKEN,
+            DI=kl.k_idx.shape[1] if kl is not None else 16,
             TMK=max(16, next_pow2(bcfg.tokens_per_step(group))))
     if mode == "qouter":
         dq = torch.empty_like(q)

@@ -6,14 +6,13 @@ probabilities in its own KV-outer pass, so the fused node hands the KL's key gra
 (msa_kernels.attention.triton_bwd, item 5). The KL forward (student LSE, teacher mass, KL value and
 the query gradient, eagerly, over union tiles) is unchanged: msa_kernels.kl.triton._sparse_forward.
 
-When it fuses: the KV pass's rows are (token, head), so the fused student logits and key gradient
-are computed once per HEAD row, G-fold redundant, while the separate KL pass computes them once per
-token next to G teacher products. Measured on H200 at 32K (kernels/BENCHMARKS_index.md, item 11):
-1.09x faster at G = 4 (16/4 heads), 0.96x at G = 8 (64/8). So groups of at most FUSE_MAX_GROUP heads
-fuse; larger groups (the 109B model's 64/4 is G = 16) keep the two separate ops. Fusion also needs
-the union-tile KL forward: selections whose tile unions blow up (near-random) keep the unfused
-all-KV-outer KL, as ``indexer_kl_triton`` decides. Results equal the two separate ops up to float
-summation order (tests/kernels/test_fused_kl_triton.py).
+The KV pass computes the student once per token of a step (not per (token, head) row), so fusion
+pays off for every group size. Measured on H100 at 32K (kernels/BENCHMARKS_index.md, item 13): the
+whole layer 1.10x faster at 16/4 heads, 1.13x at 64/8, 1.03x at 64/4 than the two separate ops.
+(The first version computed the student per head row, G-fold redundant, and lost at G = 8: item 11.)
+Fusion needs the union-tile KL forward: selections whose tile unions blow up (near-random) keep the
+unfused all-KV-outer KL, as ``indexer_kl_triton`` decides. Results equal the two separate ops up to
+float summation order (tests/kernels/test_fused_kl_triton.py).
 """
 from __future__ import annotations
 
@@ -28,9 +27,7 @@ from ..attention.triton_fwd import (check_sparse_inputs, forward_schedule, spars
 from ..layout import VarlenLayout
 from .triton import _norm, _sparse_forward, indexer_kl_triton, union_schedule_or_none
 
-__all__ = ["sparse_attention_kl_triton", "FUSE_MAX_GROUP"]
-
-FUSE_MAX_GROUP = 4
+__all__ = ["sparse_attention_kl_triton"]
 
 
 class _SparseAttentionKLTriton(torch.autograd.Function):
@@ -76,10 +73,9 @@ class _SparseAttentionKLTriton(torch.autograd.Function):
         return dq, dk, dv, d_qi, d_ki, None, None, None, None, None, None, None, None, None, None
 
 
-def _fusable(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, block_size: int) -> bool:
+def _fusable(q: torch.Tensor, q_idx: torch.Tensor, block_size: int) -> bool:
     di = q_idx.shape[2]
-    return (q.shape[1] // k.shape[1] <= FUSE_MAX_GROUP and q_idx.dtype == q.dtype and 16 <= di <= 256
-            and di & (di - 1) == 0 and block_size <= 256)
+    return q_idx.dtype == q.dtype and 16 <= di <= 256 and di & (di - 1) == 0 and block_size <= 256
 
 
 def sparse_attention_kl_triton(q, k, v, topk_idx, q_idx, k_idx, layout: VarlenLayout, *, block_size: int,
@@ -92,7 +88,7 @@ def sparse_attention_kl_triton(q, k, v, topk_idx, q_idx, k_idx, layout: VarlenLa
     the KL's union threshold (tests force the fused path with inf)."""
     check_sparse_inputs(q, k, v, topk_idx, layout, block_size, check_ids)
     schedule = None
-    if _fusable(q, k, q_idx, block_size):
+    if _fusable(q, q_idx, block_size):
         schedule = union_schedule_or_none(topk_idx, layout, block_size, q.device, deterministic,
                                           max_union_waste)
     if schedule is None:
