@@ -228,3 +228,10 @@ def test_only_unmodified_select_blocks_output_skips_the_id_check(monkeypatch):
     bad[1, 5, 0] = 9  # block 9 does not exist in a 70-token sequence with 16-token blocks
     with pytest.raises(ValueError, match=r"topk_idx\[1, 5, 0\] = 9"):
         msa_kernels.sparse_attention(q, k, v, bad, cu, 16)
+
+
+def test_fused_node_skips_the_dq_mode_sync_only_where_the_kl_test_implies_it():
+    """The fused node takes the Q-outer dQ pass without dq_mode's host sync, because a union
+    schedule that passes the KL's waste test also passes dq_mode's (looser) one."""
+    cfg = triton_common.bwd_config(128, 4, 128)
+    assert kl_triton.CONFIG["union_max_waste"] <= cfg.auto_ratio
