@@ -103,6 +103,7 @@ SPARSE_CASES = [
     ([90], 2, 1, 32, 16, 16, 2),
     ([20, 50], 4, 4, 16, 32, 32, 2),  # G = 1
     ([61, 3], 8, 2, 16, 16, 16, 8),  # topk wider than the visible blocks
+    ([50, 9], 6, 2, 24, 20, 16, 3),  # G = 3 (padded), head dims that are not powers of two
 ]
 
 
@@ -153,10 +154,11 @@ def test_indexer_kl_on_selected_blocks_with_large_logits():
         _close(a, b, 1e-5, name)
 
 
-def test_indexer_kl_fp16_inputs():
+@pytest.mark.parametrize("kl_path", ["atomic", "union", "deterministic"], indirect=True)
+def test_indexer_kl_fp16_inputs(kl_path):
     c = _case([60, 21], 4, 2, 32, 32, 16, 3, dtype=torch.float16)
-    got = _grads(_sparse(c, False, reduction="sum"), c["q_idx"], c["k_idx"])
-    ref = _grads(_sparse(c, False, reduction="sum", impl="reference"), c["q_idx"].float(), c["k_idx"].float())
+    got = _grads(_sparse(c, kl_path, reduction="sum"), c["q_idx"], c["k_idx"])
+    ref = _grads(_sparse(c, kl_path, reduction="sum", impl="reference"), c["q_idx"].float(), c["k_idx"].float())
     for name, a, b in zip(("kl", "dq_idx", "dk_idx"), got, ref):
         _close(a, b, 1e-2, name)
 
