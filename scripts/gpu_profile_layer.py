@@ -50,7 +50,6 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=None)
     ap.add_argument("--top", type=int, default=25, help="kernels listed per run")
-    ap.add_argument("--kl-fwd", default="rows", help="union-tile KL forward kernels to time: rows,heads")
     a = ap.parse_args()
     import msa_kernels as mk
     from msa_kernels.bench import make_pattern, time_ms
@@ -82,20 +81,13 @@ def main() -> int:
 
     card = torch.cuda.get_device_name(0)
     res = {"card": card, "torch": torch.__version__, "heads": f"{hq}/{hkv}", "T": t, "pattern": a.pattern}
-    from msa_kernels.kl import triton as kl_triton
-
-    shipped = kl_triton.UNION_FWD
-    runs = [(f"msa_kl_fwd_{v}" if v != shipped else "msa", msa_layer, v) for v in a.kl_fwd.split(",")]
-    runs.append(("dense_cudnn", dense_layer, shipped))
-    names = [r[0] for r in runs]
-    for name, fn, variant in runs:
-        kl_triton.UNION_FWD = variant
+    names = ("msa", "dense_cudnn")
+    for name, fn in zip(names, (msa_layer, dense_layer)):
         try:
             res[f"{name}_ms"] = round(time_ms(fn, budget_ms=500), 3)
             res[f"{name}_kernels"] = kernel_table(fn, a.reps)
         except Exception as e:  # noqa: BLE001 - report and keep the other row
             res[f"{name}_error"] = f"{type(e).__name__}: {e}"
-    kl_triton.UNION_FWD = shipped
     print(f"card: {card}; {hq}/{hkv} heads, T={t}, pattern {a.pattern}")
     for name in names:
         print(f"\n{name}: {res.get(f'{name}_ms')} ms per fwd+bwd (CUDA events, median)")

@@ -90,7 +90,7 @@ def sparse_attention_kl_triton(q, k, v, topk_idx, q_idx, k_idx, layout: VarlenLa
     schedule = None
     if _fusable(q, q_idx, block_size):
         schedule = union_schedule_or_none(topk_idx, layout, block_size, q.device, deterministic,
-                                          q.shape[1] // k.shape[1], max_union_waste)
+                                          max_union_waste)
     if schedule is None:
         out, lse = sparse_attention_triton(q, k, v, topk_idx, layout, block_size=block_size, scale=scale,
                                            deterministic=deterministic, check_ids=False)  # checked above

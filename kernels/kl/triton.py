@@ -29,8 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..attention.triton_common import (LOG2E, block_key_rows, build_kv_units, build_q_tiles, dot_mode, mma,
-                                       next_pow2, query_key_rows)
+from ..attention.triton_common import block_key_rows, build_kv_units, build_q_tiles, query_key_rows
 from ..layout import VarlenLayout
 from ..select.triton import dot_precision, ensure_interpreter_compat, pow2_at_least_16, query_tile_table
 
@@ -196,97 +195,6 @@ def _kl_sparse_fwd_kernel(
         m_i, l_i, psum, plogp, pt, acc_e, acc_p = _accumulate_row_stats(
             p, t, ki, mask, m_i, l_i, psum, plogp, pt, acc_e, acc_p, WANT_DQ, PRECISION)
     _finish_rows(KL, LSES, PSUM, DQ, q_rows, row_ok, r, stride_st, stride_dqt, stride_dqh,
-                 m_i, l_i, psum, plogp, pt, acc_e, acc_p, iscale, DI, DIP, WANT_DQ)
-
-
-@triton.jit
-def _kl_sparse_fwd_rows_kernel(
-    Q, K, LSE, QI, KI, BLOCK_ROWS, TOKEN_MASKS, COUNTS, QK_ROWS,
-    KL, LSES, PSUM, DQ,
-    T, Tk, qk_scale, iscale,  # qk_scale = scale * log2(e)
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, stride_lh,
-    stride_qit, stride_qih, stride_kit, stride_st, stride_dqt, stride_dqh,
-    stride_br, stride_bt, stride_cr,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr,
-    DIP: tl.constexpr, TM: tl.constexpr, TMK: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr,
-    WANT_DQ: tl.constexpr, DOT_MODE: tl.constexpr, SPLIT: tl.constexpr,
-):
-    """Union-tile forward with the teacher as ONE MMA over (token, head) rows (M = TM x GP, like the
-    attention forward) in transposed form: P^T [BLOCK_N, M] stays in registers and its head sum per
-    token is an MMA with a 0/1 [M, TMK] selection matrix (bf16 hi + lo parts: ~fp32 accurate); the
-    student runs once per token ([BLOCK_N, TMK] logits). Same statistics as _kl_sparse_fwd_kernel."""
-    tile = tl.program_id(0).to(tl.int64)
-    r = tl.program_id(1).to(tl.int64)
-    M: tl.constexpr = TM * GP
-    NSUB: tl.constexpr = (BK + BLOCK_N - 1) // BLOCK_N
-    rows = tl.arange(0, M)
-    tm = rows // GP
-    g = rows % GP
-    tok = tile * TM + tm.to(tl.int64)
-    row_ok = (tok < T) & (g < G)
-    head = r * G + g
-    d = tl.arange(0, DP)
-    d_ok = d < D
-    q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M, DP]
-    lse = tl.load(LSE + tok * stride_lt + head * stride_lh, mask=row_ok, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634  # empty support: no visible key
-    qk_row = tl.load(QK_ROWS + tok, mask=row_ok, other=-1).to(tl.int64)
-    tc = tl.arange(0, TMK)  # token slots, padded to an MMA width
-    ttok = tile * TM + tc.to(tl.int64)
-    t_ok = (tc < TM) & (ttok < T)
-    tqk = tl.load(QK_ROWS + ttok, mask=t_ok, other=-1).to(tl.int64)
-    e = tl.arange(0, DIP)
-    e_ok = e < DI
-    qi = tl.load(QI + ttok[:, None] * stride_qit + r * stride_qih + e[None, :],
-                 mask=t_ok[:, None] & e_ok[None, :], other=0.0)  # [TMK, DIP]
-    sel = ((tm[:, None] == tc[None, :]) & (g < G)[:, None]).to(Q.dtype.element_ty)  # [M, TMK]
-    m_i = tl.full([TMK], float("-inf"), tl.float32)
-    l_i = tl.zeros([TMK], tl.float32)
-    psum = tl.zeros([TMK], tl.float32)
-    plogp = tl.zeros([TMK], tl.float32)
-    pt = tl.zeros([TMK], tl.float32)
-    acc_e = tl.zeros([TMK, DIP], tl.float32)
-    acc_p = tl.zeros([TMK, DIP], tl.float32)
-    n = tl.arange(0, BLOCK_N)
-    count = tl.load(COUNTS + r * stride_cr + tile)
-    for it in range(0, count * NSUB):
-        u = it // NSUB
-        blk = tl.load(BLOCK_ROWS + r * stride_br + tile * stride_bt + u).to(tl.int64)
-        bits = tl.load(TOKEN_MASKS + r * stride_br + tile * stride_bt + u)
-        offs = (it % NSUB) * BLOCK_N + n
-        k_row = blk + offs
-        k_ok = (offs < BK) & (k_row < Tk)
-        k = tl.load(K + k_row[:, None] * stride_kt + r * stride_kh + d[None, :],
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, DP]
-        ki = tl.load(KI + k_row[:, None] * stride_kit + e[None, :],
-                     mask=k_ok[:, None] & e_ok[None, :], other=0.0)  # [BLOCK_N, DIP]
-        pick_row = ((bits >> tm.to(tl.int64)) & 1) != 0
-        vis = k_ok[:, None] & (row_ok & pick_row)[None, :] & (k_row[:, None] <= qk_row[None, :])
-        s_t = mma(k, tl.trans(q), DOT_MODE) * qk_scale  # [BLOCK_N, M], log2 units
-        p_t = tl.where(vis, tl.math.exp2(s_t - lse[None, :]), 0.0)
-        if SPLIT:
-            p_hi = p_t.to(Q.dtype.element_ty)
-            p_lo = (p_t - p_hi.to(tl.float32)).to(Q.dtype.element_ty)
-            pbar = (mma(p_hi, sel, DOT_MODE) + mma(p_lo, sel, DOT_MODE)) * (1.0 / G)  # [BLOCK_N, TMK]
-        else:
-            pbar = mma(p_t, sel, DOT_MODE) * (1.0 / G)
-        pick_tok = ((bits >> tc.to(tl.int64)) & 1) != 0
-        tvis = k_ok[:, None] & (t_ok & pick_tok)[None, :] & (k_row[:, None] <= tqk[None, :])
-        t_t = tl.where(tvis, mma(ki, tl.trans(qi), DOT_MODE) * iscale, float("-inf"))  # [BLOCK_N, TMK]
-        m_new = tl.maximum(m_i, tl.max(t_t, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        e_t = tl.exp(t_t - m_safe[None, :])
-        l_i = l_i * alpha + tl.sum(e_t, 0)
-        m_i = m_new
-        psum += tl.sum(pbar, 0)
-        plogp += tl.sum(tl.where(pbar > 0, pbar * tl.log(tl.where(pbar > 0, pbar, 1.0)), 0.0), 0)
-        pt += tl.sum(pbar * tl.where(tvis, t_t, 0.0), 0)
-        if WANT_DQ:
-            acc_e = acc_e * alpha[:, None] + mma(tl.trans(e_t.to(ki.dtype)), ki, DOT_MODE)
-            acc_p += mma(tl.trans(pbar.to(ki.dtype)), ki, DOT_MODE)
-    _finish_rows(KL, LSES, PSUM, DQ, ttok, t_ok, r, stride_st, stride_dqt, stride_dqh,
                  m_i, l_i, psum, plogp, pt, acc_e, acc_p, iscale, DI, DIP, WANT_DQ)
 
 
@@ -637,22 +545,10 @@ def _dk_buffer(k_idx, hkv: int, deterministic: bool):
     return torch.zeros((groups, k_idx.shape[0], k_idx.shape[1]), dtype=torch.float32, device=k_idx.device)
 
 
-# Union-tile forward kernel: "rows" (the teacher as one MMA over (token, head) rows) or "heads" (one
-# MMA per head over 16-token tiles); scripts/gpu_profile_layer.py --kl-fwd times both.
-UNION_FWD = "rows"
-
-
-def _union_tokens(group: int, device) -> int:
-    """Tokens per union tile: 'rows' fills M = tokens x padded group = 64 rows (16 in the interpreter)."""
-    if UNION_FWD != "rows":
-        return _cfg(device)["qtile_tm"]
-    return max(1, min(32, (16 if _interpreting(device) else 64) // next_pow2(group)))
-
-
-def _union_schedule(topk_idx, layout, block_size, device, group: int):
+def _union_schedule(topk_idx, layout, block_size, device):
     """(blk_rows [Hkv, T, K], Q-tile union schedule) of the union-tile forward."""
     blk_rows = block_key_rows(topk_idx, layout, block_size)  # [Hkv, T, K] int64
-    return blk_rows, build_q_tiles(blk_rows, _union_tokens(group, device))
+    return blk_rows, build_q_tiles(blk_rows, _cfg(device)["qtile_tm"])
 
 
 def _union_waste(blk_rows, sched) -> float:
@@ -661,7 +557,7 @@ def _union_waste(blk_rows, sched) -> float:
     return union * sched.tokens_per_tile / max(1, picks)
 
 
-def union_schedule_or_none(topk_idx, layout, block_size, device, deterministic: bool, group: int,
+def union_schedule_or_none(topk_idx, layout, block_size, device, deterministic: bool,
                            max_waste: Optional[float] = None):
     """The union-tile schedule when the KL takes the union forward, else None (all-KV-outer path).
 
@@ -670,11 +566,11 @@ def union_schedule_or_none(topk_idx, layout, block_size, device, deterministic: 
     the union up (~16x), so those take the all-KV-outer path. The deterministic mode always takes
     the union forward (no atomics)."""
     if deterministic:
-        return _union_schedule(topk_idx, layout, block_size, device, group)
+        return _union_schedule(topk_idx, layout, block_size, device)
     max_waste = _cfg(device)["union_max_waste"] if max_waste is None else max_waste
     if max_waste <= 0:
         return None
-    schedule = _union_schedule(topk_idx, layout, block_size, device, group)
+    schedule = _union_schedule(topk_idx, layout, block_size, device)
     return schedule if _union_waste(*schedule) <= max_waste else None
 
 
@@ -683,7 +579,7 @@ def _sparse_forward(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size, scale
     t, hq, hkv, d, di, g = _check_kernel_limits(q, k, q_idx, k_idx)
     dev = q.device
     cfg = _cfg(dev)
-    blk_rows, sched = schedule if schedule is not None else _union_schedule(topk_idx, layout, block_size, dev, g)
+    blk_rows, sched = schedule if schedule is not None else _union_schedule(topk_idx, layout, block_size, dev)
     tm = sched.tokens_per_tile
     qk_rows = query_key_rows(layout)  # [T] int32
     kl = torch.empty((hkv, t), dtype=torch.float32, device=dev)
@@ -691,19 +587,6 @@ def _sparse_forward(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size, scale
     psum = torch.empty_like(kl)
     dq = torch.empty((t, hkv, di), dtype=torch.float32, device=dev) if want_dq else kl
     if t == 0:
-        return kl, lses, psum, dq, qk_rows, blk_rows
-    if UNION_FWD == "rows":
-        _kl_sparse_fwd_rows_kernel[(sched.num_tiles, hkv)](
-            q, k, lse, q_idx, k_idx, sched.block_rows, sched.token_masks, sched.counts, qk_rows,
-            kl, lses, psum, dq, t, k.shape[0], scale * LOG2E, iscale,
-            *_strides(q, k, lse, q_idx, k_idx), kl.stride(0),
-            dq.stride(0) if want_dq else 0, dq.stride(1) if want_dq else 0,
-            sched.block_rows.stride(0), sched.block_rows.stride(1), sched.counts.stride(0),
-            G=g, GP=next_pow2(g), D=d, DP=pow2_at_least_16(d), DI=di, DIP=pow2_at_least_16(di), TM=tm,
-            TMK=max(16, next_pow2(tm)), BK=block_size, BLOCK_N=min(64, pow2_at_least_16(block_size)),
-            WANT_DQ=want_dq, DOT_MODE=dot_mode(q.dtype), SPLIT=q.dtype != torch.float32,
-            num_warps=cfg["qtile_warps"], num_stages=cfg["stages"],
-        )
         return kl, lses, psum, dq, qk_rows, blk_rows
     bkp = pow2_at_least_16(block_size)
     prec = dot_precision(q.dtype)
@@ -860,8 +743,7 @@ def indexer_kl_triton(q, k, lse, q_idx, k_idx, topk_idx, layout: VarlenLayout, *
         raise ValueError(f"block_size={block_size} exceeds the Triton KL tile (<= 256)")
     q, k, q_idx, k_idx = _last_contig(q.detach(), k.detach(), q_idx, k_idx)
     lse = lse.detach().float()
-    schedule = union_schedule_or_none(topk_idx, layout, block_size, q.device, deterministic,
-                                      q.shape[1] // k.shape[1])
+    schedule = union_schedule_or_none(topk_idx, layout, block_size, q.device, deterministic)
     if schedule is None:
         return _IndexerKLTritonAtomic.apply(q, k, lse, q_idx, k_idx, topk_idx, layout, block_size,
                                             float(scale), float(index_scale), reduction)
