@@ -102,10 +102,11 @@ def sparse_attention_kl_triton(q, k, v, topk_idx, q_idx, k_idx, layout: VarlenLa
     interp = interpreting()
     fcfg = fwd_config(dim, group, block_size, interp)
     bcfg = bwd_config(dim, group, block_size, interp)
-    # The KL's union test (tile rows per pick <= union_max_waste at 16 tokens per tile, no more at
-    # the attention's <= 16) already answers dq_mode's question (Q-outer while <= auto_ratio):
-    # take the Q-outer dQ pass without a second host sync in the backward.
-    bcfg.dq_mode = "qouter"
+    # The KL's union test (tile rows per pick <= union_max_waste) already answers dq_mode's question
+    # (Q-outer while <= auto_ratio) when the attention's tiles hold no more tokens than the KL's
+    # (fewer tokens, less waste): take the Q-outer dQ pass without a second host sync then.
+    if fcfg.tokens_per_tile(group) <= schedule[1].tokens_per_tile:
+        bcfg.dq_mode = "qouter"
     return _SparseAttentionKLTriton.apply(q, k, v, q_idx, k_idx, topk_idx, layout, block_size, float(scale),
                                           float(index_scale), reduction, bool(deterministic), fcfg, bcfg,
                                           schedule)
