@@ -66,6 +66,8 @@ def main() -> int:
     xs = [q, k, v, qi, ki]
 
     def msa_layer():
+        # select_blocks is timed but its ids are not used: random index vectors select near-random
+        # blocks (the unfused path); the attention + KL run on the trained-indexer-like "mix" pattern.
         with torch.no_grad():
             mk.select_blocks(qi, ki, cu, 128, 16)
         out, _, kl = mk.sparse_attention_and_kl(q, k, v, sel, qi, ki, cu, 128)
