@@ -7,6 +7,16 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _isolated_working_directory(tmp_path, monkeypatch):
+    """Run every test in its own empty directory.
+
+    Relative defaults such as run_dir=runs/tiny_cpu must never see what an earlier `msa-train` left
+    in the checkout (the README runs the default job before the tests, in the same checkout).
+    """
+    monkeypatch.chdir(tmp_path)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
