@@ -6,7 +6,8 @@
 Cell (qb, kb) of group r = fraction of the queries of query block qb whose selection includes key
 block kb. The MSA paper's structures show up directly: the local diagonal (always selected), a
 sink column at kb = 0 and group-specific long-range stripes. The model / checkpoint side lives in
-tools/plot_pattern.py; this module needs only the selected block ids of ONE sequence.
+msa_train/eval (`msa-eval --tasks patterns`); this module needs only the selected block ids of ONE
+sequence.
 """
 from __future__ import annotations
 

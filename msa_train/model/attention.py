@@ -188,13 +188,24 @@ class MSACoreAttention(MegatronModule):
                     scale=self.softmax_scale, reduction="sum",
                     deterministic=cfg.msa_deterministic, **kw,
                 )
-        if want_kl:
+        if not want_kl and recall.recall_requested():
+            # Evaluation (no grad): the KL is a measurement only, next to the recall metrics.
+            with torch.no_grad():
+                if self.mode == "sparse":
+                    kl_sum = msa_kernels.indexer_kl(
+                        q, k, lse, q_idx, k_idx, topk_idx, layout.cu_seqlens, cfg.msa_block_size,
+                        scale=self.softmax_scale, reduction="sum", **kw)
+                else:
+                    kl_sum = msa_kernels.indexer_kl_dense(
+                        q, k, q_idx, k_idx, layout.cu_seqlens, scale=self.softmax_scale,
+                        reduction="sum", **kw)
+        if want_kl or recall.recall_requested():
             # This rank's share of the micro-batch mean over (token, group): summing over TP
             # (groups) and CP (tokens) ranks gives the global mean.
             denom = layout.q_positions.numel() * self.cp_size * cfg.num_query_groups
             kl = kl_sum / denom
             kl_tracker.record(self.layer_number, kl)
-            if cfg.msa_kl_coeff > 0:
+            if want_kl and cfg.msa_kl_coeff > 0:
                 out = KLAutoScaler.apply(out, kl, float(cfg.msa_kl_coeff))
         if recall.recall_requested():
             self._record_recall(q, k, q_idx, k_idx, topk_idx, layout)
