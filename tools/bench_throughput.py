@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """Training throughput of an MSA model and its dense-GQA twin on one GPU, measured in the same run.
 
-    python tools/bench_throughput.py                       # small MSA-MoE vs twin at 8K and 32K
-    python tools/bench_throughput.py --seq 8192 32768 --steps 6 --json out.json --markdown out.md
+    python tools/bench_throughput.py                       # proxy_109b vs its twin at 8K, 32K, 128K
+    python tools/bench_throughput.py --model small --attention paper --seq 8192 32768
+    python tools/bench_throughput.py --seq 32768 --steps 6 --json out.json --markdown out.md
+
+Each step trains max(--tokens-per-step, seq) tokens; sequences of --recompute-from tokens or more
+run with full activation recompute (one layer at a time), both models alike.
 
 The twin is the same model with full causal attention in every layer (attention.layer_map all 0:
 no index branch, torch SDPA flash/cuDNN attention). The MSA model trains in the sparse stage
@@ -32,7 +36,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-TARGET_SPEEDUP = {32768: 1.5}  # issue 5: MSA >= 1.5x the twin's tokens/s at 32K
+# MSA tokens/s over the twin's, at the 109B layer shape (docs/THROUGHPUT.md).
+TARGET_SPEEDUP = {32768: 1.6, 131072: 3.0}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -56,16 +61,21 @@ def _ensure_importable() -> None:
         spec.loader.exec_module(module)
 
 
-def _compose(model: str, attention: str, seq: int, tokens_per_step: int, extra: List[str]):
+def _compose(model: str, attention: str, seq: int, tokens_per_step: int, extra: List[str],
+             recompute: bool = False):
     from msa_train.dry_run import compose
 
+    tokens_per_step = max(tokens_per_step, seq)
     if tokens_per_step % seq:
         raise ValueError(f"--tokens-per-step {tokens_per_step} must be a multiple of --seq {seq}")
+    memory = (["train.recompute_granularity=full", "train.recompute_method=uniform",
+               "train.recompute_num_layers=1"] if recompute
+              else ["train.recompute_granularity=null"])
     return compose([f"model={model}", f"attention={attention}", "parallel=single", "data=mock",
                     "logging=none", "checkpoint=none", "stage.run=sparse",
                     f"train.seq_length={seq}", "train.micro_batch_size=1",
                     f"train.global_batch_size={tokens_per_step // seq}",
-                    "train.recompute_granularity=null", "train.eval_interval=null", *extra])
+                    *memory, "train.eval_interval=null", *extra])
 
 
 def _twin(cfg):
@@ -269,9 +279,11 @@ def markdown(results: List[Dict], device: str, peak: Optional[float], meta: Dict
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="small", help="configs/model entry")
-    ap.add_argument("--attention", default="paper", help="configs/attention entry")
-    ap.add_argument("--seq", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--model", default="proxy_109b", help="configs/model entry")
+    ap.add_argument("--attention", default="proxy_109b", help="configs/attention entry")
+    ap.add_argument("--seq", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--recompute-from", type=int, default=131072,
+                    help="full activation recompute for sequences this long or longer")
     ap.add_argument("--tokens-per-step", type=int, default=32768)
     ap.add_argument("--warmup", type=int, default=3,
                     help="untimed steps at least; more (up to 12) until two consecutive steps agree within 10%%")
@@ -295,14 +307,16 @@ def main(argv=None) -> int:
     from msa_train.metrics.progress import format_count
     from msa_train.trainer.runtime import init_runtime, shutdown_runtime
 
-    first = _compose(a.model, a.attention, a.seq[0], a.tokens_per_step, a.overrides)
+    first = _compose(a.model, a.attention, a.seq[0], a.tokens_per_step, a.overrides,
+                     a.seq[0] >= a.recompute_from)
     runtime = init_runtime(first.train, first.parallel)
     device = current_device_name() or "CPU"
     peak = resolve_peak_tflops(first.logging.peak_tflops) if runtime.device.type == "cuda" else None
     results = []
     try:
         for seq in a.seq:
-            cfg = _compose(a.model, a.attention, seq, a.tokens_per_step, a.overrides)
+            cfg = _compose(a.model, a.attention, seq, a.tokens_per_step, a.overrides,
+                           seq >= a.recompute_from)
             for variant in a.variants:
                 vcfg = cfg if variant == "msa" else _twin(cfg)
                 try:

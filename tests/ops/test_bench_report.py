@@ -22,7 +22,7 @@ def test_ratio_and_target_verdict():
                         "NVIDIA H100 80GB HBM3", 989.4, META)
     assert "NVIDIA H100 80GB HBM3" in md
     row32 = next(l for l in md.splitlines() if l.startswith("| 32K | MSA"))
-    assert "**2.00x** (target 1.5x: met)" in row32 and "10.1%" in row32
+    assert "**2.00x** (target 1.6x: met)" in row32 and "10.1%" in row32
     row8 = next(l for l in md.splitlines() if l.startswith("| 8K | MSA"))
     assert "**1.00x**" in row8 and "target" not in row8
 
