@@ -56,6 +56,28 @@ class ClusterConfig:
     # Environment presets for the launcher (NCCL, allocator, ...); exported by launch/ before torchrun.
     env: Dict[str, str] = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Checked at compose/validation time (and so by the dry run), not when the job starts.
+        if self.exit_grace_s is None or self.exit_grace_s < 0:
+            raise ValueError(f"cluster.exit_grace_s={self.exit_grace_s} must be >= 0 (seconds kept "
+                             "for the last step and the save before the wall-time limit)")
+        if self.walltime_s is not None and self.walltime_s <= 0:
+            raise ValueError(f"cluster.walltime_s={self.walltime_s} must be > 0 or null")
+        if self.gpus_per_node < 1:
+            raise ValueError(f"cluster.gpus_per_node={self.gpus_per_node} must be >= 1")
+        check_signal_names(self.signals)
+
+
+def check_signal_names(names) -> None:
+    """Every entry must be a signal a handler can catch (SIGKILL / SIGSTOP cannot be)."""
+    for name in names:
+        sig = getattr(signal, str(name), None)
+        if not isinstance(sig, signal.Signals):
+            raise ValueError(f"cluster.signals: unknown signal {name!r}; use names like "
+                             f"{list(DEFAULT_SIGNALS)}")
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            raise ValueError(f"cluster.signals: {name} cannot be caught; use {list(DEFAULT_SIGNALS)}")
+
 
 def job_end_time_from_env(environ=os.environ) -> Optional[float]:
     for var in (JOB_END_TIME_ENV, "SLURM_JOB_END_TIME"):
