@@ -294,6 +294,11 @@ class Trainer:
                 if action == "stop":
                     raise DivergenceError(self._divergence_message(step))
                 if action == "rollback":
+                    _kl_metrics()  # drop what the rolled-back steps recorded
+                    if sample_recall:
+                        from msa_train.model import get_recall_metrics
+
+                        get_recall_metrics(reset=True)  # collective: every rank rolls back
                     self._rollback(stage, objs)
                     continue
                 kl = _kl_metrics()

@@ -16,12 +16,16 @@ def _iters(save):
 
 def test_divergence_skips_updates_then_stops_with_exit_3_without_saving(tmp_path):
     save = tmp_path / "ckpt"
+    save.mkdir()
+    stale = save / "requeue_request.json"  # left by an earlier job: cleared when this one starts
+    stale.write_text('{"reason": "signal:SIGUSR1", "step": 0}')
     out = run_train([*SMALL, f"checkpoint.save={save}", "train.lr=1e6", "train.lr_warmup_steps=0",
                      "checkpoint.save_interval=1", "train.max_skipped_steps=2"],
                     str(tmp_path / "run"), expect_rc=3)
     assert "non-finite gradient norm" in out.stdout and "update skipped" in out.stdout
     assert "training diverged: 2 steps in a row" in out.stdout
     assert "Traceback" not in out.stdout
+    assert not stale.exists()
     # The skipped steps left the weights as they were: the last save is the last applied update
     # (or one of the skipped steps after it, which hold the same state); no later step saved.
     last = int(open(save / "latest_checkpointed_iteration.txt").read())
@@ -57,3 +61,16 @@ def test_damaged_shard_falls_back_to_previous_iteration_and_resumes_exactly(tmp_
     resumed = losses_by_step(str(tmp_path / "run2"))
     expected = losses_by_step(str(tmp_path / "ref"))
     assert resumed == {k: v for k, v in expected.items() if k >= 2}
+
+
+def test_rollback_reloads_the_last_checkpoint_and_moves_the_data_on(tmp_path):
+    save = tmp_path / "ckpt"
+    # The warmup stage trains normally; the sparse stage's first update (lr 1e6) blows the
+    # weights up, so the next steps' gradients are non-finite.
+    out = run_train([*SMALL, f"checkpoint.save={save}", "stage.sparse.lr=1e6",
+                     "stage.sparse.lr_warmup_steps=0", "checkpoint.save_interval=1",
+                     "train.max_skipped_steps=1", "train.rollback_on_divergence=true",
+                     "train.max_rollbacks=1"], str(tmp_path / "run"), expect_rc=3)
+    assert "ROLLBACK 1/1" in out.stdout and "reloaded" in out.stdout
+    assert "skip the" in out.stdout and "samples read since it" in out.stdout
+    assert "1 rollbacks" in out.stdout and "Traceback" not in out.stdout
