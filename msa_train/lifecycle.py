@@ -22,10 +22,12 @@ scancel) is handled the same way. Handlers only set a flag: the trainer acts at 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import signal
+import threading
 import time
 from typing import Callable, Dict, Iterable, Optional
 
@@ -144,6 +146,27 @@ class LifecycleGuard:
         for sig, prev in self._previous.items():
             signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
         self._previous.clear()
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Hold the stop signals back (pending) while a checkpoint is written.
+
+        Under Slurm the signal reaches every process of the job step, and torchrun signals the
+        worker's whole process group: helper processes started during a save (Megatron's
+        spawned result-queue manager, its forked writers) would die of a SIGUSR1 they do not
+        handle and break the save. A blocked signal mask is inherited across fork and exec, so
+        those helpers never see it. This thread gets it once the save is done (another thread
+        of this process may take it earlier: the handler only records a flag either way).
+        """
+        sigs = {getattr(signal, name) for name in self.signal_names}
+        if not sigs or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def _on_signal(self, signum, frame) -> None:
         # Only record: saving from inside a handler would race the training step and collectives.

@@ -439,13 +439,18 @@ class Trainer:
     # -- checkpoints and exit --------------------------------------------------------------------
     def _save(self, objs: StageObjects) -> None:
         p = self.progress
-        directory = checkpointing.save(
+        with self.guard.deferred():  # a stop signal during the save acts after it
+            directory = self._write_checkpoint(objs)
+        self.owned_iterations.add(p.iteration)
+        _print0(f"saved checkpoint {directory}")
+
+    def _write_checkpoint(self, objs: StageObjects) -> str:
+        p = self.progress
+        return checkpointing.save(
             self.save_dir, p.iteration, objs.chunks, objs.optimizer, objs.scheduler, p.to_dict(),
             state_json(self.cfg, self.plan, p, self.wandb_run_ids, self.init_report,
                        self.runtime.world_size),
             self.run_config_yaml, self.cfg.checkpoint.keep_last_k, owned=self.owned_iterations)
-        self.owned_iterations.add(p.iteration)
-        _print0(f"saved checkpoint {directory}")
 
     def _requeue(self) -> int:
         from msa_train.lifecycle import REQUEUE_EXIT_CODE, write_requeue_request
