@@ -29,6 +29,8 @@ cleanup() {
   [[ -n ${CTLD_PID:-} ]] && kill "$CTLD_PID" 2>/dev/null
   [[ -n ${MUNGE_PID_FILE:-} && -f $MUNGE_PID_FILE ]] && kill "$(cat "$MUNGE_PID_FILE")" 2>/dev/null
   wait 2>/dev/null
+  # Keep the logs of a failed run for inspection; remove them after a pass.
+  if [[ ${KEEP_WORK:-1} == 0 ]]; then rm -rf "$WORK"; else echo "slurm e2e files: $WORK" >&2; fi
 }
 trap cleanup EXIT
 
@@ -185,3 +187,4 @@ bad = [s for s in ref if ref[s] != got[s]]
 assert not bad, f"losses differ at steps {bad[:5]}"
 print(f"[slurm-e2e] OK: {len(ref)} steps, {restarts} requeue(s), losses equal the uninterrupted run bit for bit")
 PYEOF
+KEEP_WORK=0
