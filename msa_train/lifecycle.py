@@ -22,10 +22,12 @@ scancel) is handled the same way. Handlers only set a flag: the trainer acts at 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import signal
+import threading
 import time
 from typing import Callable, Dict, Iterable, Optional
 
@@ -55,6 +57,28 @@ class ClusterConfig:
     signals: list = dataclasses.field(default_factory=lambda: list(DEFAULT_SIGNALS))
     # Environment presets for the launcher (NCCL, allocator, ...); exported by launch/ before torchrun.
     env: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Checked at compose/validation time (and so by the dry run), not when the job starts.
+        if self.exit_grace_s is None or self.exit_grace_s < 0:
+            raise ValueError(f"cluster.exit_grace_s={self.exit_grace_s} must be >= 0 (seconds kept "
+                             "for the last step and the save before the wall-time limit)")
+        if self.walltime_s is not None and self.walltime_s <= 0:
+            raise ValueError(f"cluster.walltime_s={self.walltime_s} must be > 0 or null")
+        if self.gpus_per_node < 1:
+            raise ValueError(f"cluster.gpus_per_node={self.gpus_per_node} must be >= 1")
+        check_signal_names(self.signals)
+
+
+def check_signal_names(names) -> None:
+    """Every entry must be a signal a handler can catch (SIGKILL / SIGSTOP cannot be)."""
+    for name in names:
+        sig = getattr(signal, str(name), None)
+        if not isinstance(sig, signal.Signals):
+            raise ValueError(f"cluster.signals: unknown signal {name!r}; use names like "
+                             f"{list(DEFAULT_SIGNALS)}")
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            raise ValueError(f"cluster.signals: {name} cannot be caught; use {list(DEFAULT_SIGNALS)}")
 
 
 def job_end_time_from_env(environ=os.environ) -> Optional[float]:
@@ -122,6 +146,27 @@ class LifecycleGuard:
         for sig, prev in self._previous.items():
             signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
         self._previous.clear()
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Hold the stop signals back (pending) while a checkpoint is written.
+
+        Under Slurm the signal reaches every process of the job step, and torchrun signals the
+        worker's whole process group: helper processes started during a save (Megatron's
+        spawned result-queue manager, its forked writers) would die of a SIGUSR1 they do not
+        handle and break the save. A blocked signal mask is inherited across fork and exec, so
+        those helpers never see it. This thread gets it once the save is done (another thread
+        of this process may take it earlier: the handler only records a flag either way).
+        """
+        sigs = {getattr(signal, name) for name in self.signal_names}
+        if not sigs or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def _on_signal(self, signum, frame) -> None:
         # Only record: saving from inside a handler would race the training step and collectives.

@@ -25,19 +25,32 @@ CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 register_configs()
 
+# Exit codes (README "When things go wrong"): 0 done, 1 crash, 2 bad input (config, data,
+# checkpoint; the message names the field or file), 3 divergence policy stopped the job, 4 the
+# run is locked by another job, 75 saved and asks to be requeued.
+BAD_INPUT_EXIT_CODE = 2
+
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     from msa_train.config import ConfigError
     from msa_train.data import DataConfigError
     from msa_train.trainer import CheckpointError, run_training
+    from msa_train.trainer.divergence import DIVERGED_EXIT_CODE, DivergenceError
+    from msa_train.trainer.run_lock import RUN_LOCKED_EXIT_CODE, RunLockedError
 
     try:
         code = run_training(cfg)
     except (ConfigError, CheckpointError, DataConfigError) as exc:
         # A user error, not a crash: the message names the field; no traceback.
         print(f"msa-train: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(BAD_INPUT_EXIT_CODE)
+    except RunLockedError as exc:
+        print(f"msa-train: {exc}", file=sys.stderr)
+        sys.exit(RUN_LOCKED_EXIT_CODE)
+    except DivergenceError as exc:
+        print(f"msa-train: {exc}", file=sys.stderr)
+        sys.exit(DIVERGED_EXIT_CODE)
     if code:
         sys.exit(code)
 

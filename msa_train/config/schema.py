@@ -88,6 +88,12 @@ class TrainConfig:
     recompute_num_layers: Optional[int] = None
     # Stop this job after this many optimizer steps (the run stays resumable); None = run to the end.
     max_steps_per_job: Optional[int] = None
+    # Divergence policy: a step whose gradient norm (or loss) is NaN/inf is skipped (no update)
+    # and counted; this many skipped steps in a row stop the job (exit 3) without saving, or,
+    # with rollback_on_divergence, reload the last checkpoint and continue on fresh data.
+    max_skipped_steps: int = 10
+    rollback_on_divergence: bool = False
+    max_rollbacks: int = 3  # rollbacks per job before the job stops anyway
 
 
 @dataclass
@@ -108,6 +114,9 @@ class CheckpointConfig:
     # init_from (a dense checkpoint to convert) starts the data at this job's first stage.
     init_continue_data: bool = True
     keep_last_k: Optional[int] = None  # None keeps every checkpoint
+    # Check each file against the iteration's manifest (sizes, checksums) before loading; a
+    # damaged latest iteration falls back to the previous intact one. false: load unchecked.
+    verify: bool = True
     # Fields of this group a recipe needs set (e.g. [save, init_from] for a CPT job). A '???' in a
     # group or experiment file cannot express this: OmegaConf merges skip missing values.
     required: List[str] = field(default_factory=list)

@@ -6,6 +6,7 @@ what depends on several fields or on the world size. Each error names the field(
 
 from __future__ import annotations
 
+import math
 import os
 from typing import List, Optional
 
@@ -35,6 +36,8 @@ def validate_config(cfg: DictConfig, world_size: int, check_paths: bool = True) 
     _fail(errors)
     _check_stage(cfg, errors)
     _check_train(cfg, errors)
+    _check_layers(cfg, errors)
+    _check_vocab(cfg, errors)
     _check_attention_vs_sequence(cfg, errors)
     _check_parallel(cfg, world_size, errors)
     _check_checkpoint(cfg, errors, check_paths)
@@ -69,13 +72,36 @@ def _check_stage(cfg: DictConfig, errors: List[str]) -> None:
         if phase.trainable not in TRAINABLE_POLICIES:
             errors.append(f"stage.{name}.trainable={phase.trainable!r} must be one of "
                           f"{list(TRAINABLE_POLICIES)}")
-        for field in ("lr", "min_lr"):
+        for field in ("lr", "min_lr", "lr_warmup_steps"):
             if phase[field] is not None and phase[field] < 0:
-                errors.append(f"stage.{name}.{field} must be >= 0")
+                errors.append(f"stage.{name}.{field}={phase[field]} must be >= 0")
+    _check_warmup_fits(cfg, errors)
     if stage.run in STAGE_NAMES and stage[stage.run].tokens == 0:
         errors.append(f"stage.run={stage.run} but stage.{stage.run}.tokens=0: nothing to train")
     if stage.run == "both" and stage.warmup.tokens + stage.sparse.tokens == 0:
         errors.append("stage.warmup.tokens and stage.sparse.tokens are both 0: nothing to train")
+
+
+def _check_warmup_fits(cfg: DictConfig, errors: List[str]) -> None:
+    """An LR warmup longer than its stage never reaches the peak LR (and was silently cut)."""
+    from msa_train.trainer.schedule import build_plan
+
+    t = cfg.train
+    if t.global_batch_size < 1 or t.seq_length < 1 or any(
+            cfg.stage[n].tokens < 0 for n in STAGE_NAMES):
+        return  # reported elsewhere
+    try:
+        plan = build_plan(cfg.stage, cfg.train)
+    except Exception:
+        return  # the stage checks report what is wrong
+    for stage in plan.job_stages:
+        if stage.steps > 0 and stage.lr_warmup_steps > stage.steps:
+            own = cfg.stage[stage.name].lr_warmup_steps
+            field = (f"stage.{stage.name}.lr_warmup_steps" if own is not None
+                     else "train.lr_warmup_steps")
+            errors.append(f"{field}={stage.lr_warmup_steps} is longer than the {stage.name} stage "
+                          f"({stage.steps} steps of train.global_batch_size x train.seq_length "
+                          f"tokens): lower it or raise stage.{stage.name}.tokens")
 
 
 def _check_train(cfg: DictConfig, errors: List[str]) -> None:
@@ -101,6 +127,22 @@ def _check_train(cfg: DictConfig, errors: List[str]) -> None:
         errors.append(f"train.lr_warmup_steps={t.lr_warmup_steps} must be >= 0")
     if t.clip_grad < 0:
         errors.append(f"train.clip_grad={t.clip_grad} must be >= 0 (0 disables clipping)")
+    for field in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= t[field] < 1.0:
+            errors.append(f"train.{field}={t[field]} must be in [0, 1)")
+    if not t.adam_eps > 0:
+        errors.append(f"train.adam_eps={t.adam_eps} must be > 0")
+    if t.weight_decay < 0:
+        errors.append(f"train.weight_decay={t.weight_decay} must be >= 0")
+    if t.lr > 0 and not math.isfinite(t.lr):
+        errors.append(f"train.lr={t.lr} must be finite")
+    if t.get("max_skipped_steps", 1) < 1:
+        errors.append(f"train.max_skipped_steps={t.max_skipped_steps} must be >= 1")
+    if t.get("max_rollbacks", 0) < 0:
+        errors.append(f"train.max_rollbacks={t.max_rollbacks} must be >= 0")
+    if t.get("rollback_on_divergence", False) and not cfg.checkpoint.save:
+        errors.append("train.rollback_on_divergence=true needs checkpoint.save (the checkpoints "
+                      "it rolls back to)")
     if t.eval_interval is not None and t.eval_interval < 1:
         errors.append(f"train.eval_interval={t.eval_interval} must be >= 1 or null")
     if t.max_steps_per_job is not None and t.max_steps_per_job < 1:
@@ -111,6 +153,35 @@ def _check_train(cfg: DictConfig, errors: List[str]) -> None:
     if t.seq_length > cfg.model.max_position_embeddings:
         errors.append(f"train.seq_length={t.seq_length} exceeds model.max_position_embeddings="
                       f"{cfg.model.max_position_embeddings}")
+
+
+def _check_layers(cfg: DictConfig, errors: List[str]) -> None:
+    """The attention layer map must fit the model (it used to fail later in a traceback)."""
+    try:
+        OmegaConf.to_object(cfg.attention).layer_mask(int(cfg.model.num_layers))
+    except ValueError as exc:
+        errors.append(f"{exc} (model.num_layers={cfg.model.num_layers}): fix attention.layer_ids "
+                      "/ attention.layer_map or model.num_layers")
+
+
+def _check_vocab(cfg: DictConfig, errors: List[str]) -> None:
+    """The vocabulary is data.tokenizer's (padded); model.vocab_size only sizes the dry-run
+    estimate. A model.vocab_size below the tokenizer's cannot be what the user meant."""
+    tok = cfg.data.tokenizer
+    if tok.type != "byte":
+        return  # a huggingface tokenizer is loaded (and checked) when the data is built
+    from msa_train.data.tokenizer import ByteTokenizer
+
+    check_model_vocab(int(cfg.model.vocab_size), ByteTokenizer().vocab_size, str(tok.type), errors)
+
+
+def check_model_vocab(model_vocab: int, tokenizer_vocab: int, tokenizer_type: str,
+                      errors: List[str]) -> None:
+    if model_vocab < tokenizer_vocab:
+        errors.append(f"model.vocab_size={model_vocab} is smaller than the {tokenizer_type} "
+                      f"tokenizer's {tokenizer_vocab} ids (data.tokenizer): the embedding is sized "
+                      f"from the tokenizer, so set model.vocab_size={tokenizer_vocab} (or more, "
+                      "padded) or use the tokenizer the model was meant for")
 
 
 def _cuda_visible() -> bool:
@@ -212,6 +283,37 @@ def _check_path(value: Optional[str], field: str, errors: List[str], need_checkp
         errors.append(str(exc))
 
 
+def _has_checkpoint(save: Optional[str], errors: List[str]) -> bool:
+    from msa_train.trainer import ckpt_layout
+
+    try:
+        return ckpt_layout.has_checkpoint(save)
+    except ckpt_layout.CheckpointError as exc:
+        errors.append(f"checkpoint.save: {exc}")
+        return False
+
+
+def _check_resume_shape(cfg: DictConfig, resuming: bool, errors: List[str]) -> None:
+    """A full resume must find the model this config builds (a shape change loads silently)."""
+    from msa_train.trainer import ckpt_layout
+    from msa_train.trainer.ckpt_shape import check_same_shape
+
+    ck = cfg.checkpoint
+    field, path = ("checkpoint.save", ck.save) if resuming else ("checkpoint.load", ck.load)
+    if not path:
+        return
+    try:
+        directory = ckpt_layout.resolve(path, field)
+    except ckpt_layout.CheckpointError as exc:
+        if resuming:  # (a bad checkpoint.load is reported by _check_path)
+            errors.append(str(exc))
+        return
+    try:
+        check_same_shape(directory, cfg, field)
+    except ckpt_layout.CheckpointError as exc:
+        errors.append(str(exc))
+
+
 def _check_checkpoint(cfg: DictConfig, errors: List[str], check_paths: bool) -> None:
     from msa_train.trainer import ckpt_layout
 
@@ -223,7 +325,9 @@ def _check_checkpoint(cfg: DictConfig, errors: List[str], check_paths: bool) -> 
         elif not ck[name] and not (name == "init_from" and ckpt_layout.has_checkpoint(ck.save)):
             errors.append(f"checkpoint.{name} must be set for this recipe (checkpoint.required="
                           f"{list(ck.required)})")
-    resuming = ckpt_layout.has_checkpoint(ck.save)
+    resuming = _has_checkpoint(ck.save, errors)
+    if check_paths:
+        _check_resume_shape(cfg, resuming, errors)
     if not resuming and check_paths:
         _check_path(ck.load, "checkpoint.load", errors, need_checkpoint=True)
         if not ck.load:

@@ -129,12 +129,14 @@ def validate_data_config(cfg: DataConfig, check_files: bool = True) -> None:
                 "data.valid_paths is set but data.source=mock ignores it: clear data.valid_paths")
         _check_weights(list(cfg.valid_paths), cfg.valid_weights, "data.valid_paths",
                        "data.valid_weights")
+    from msa_train.data.index_check import read_index
     from msa_train.data.indexed import check_prefix_exists, check_tokenizer_matches
 
     prefixes = [("paths", cfg.paths)] if cfg.source == "indexed" else []
     for name, group in (prefixes + [("valid_paths", cfg.valid_paths)]) if check_files else []:
         for i, prefix in enumerate(group):
             check_prefix_exists(prefix, f"data.{name}[{i}]")
+            read_index(prefix, f"data.{name}[{i}]")  # header, dtype, .bin size vs .idx
             check_tokenizer_matches(prefix, f"data.{name}[{i}]", cfg.tokenizer.type)
     tok = cfg.tokenizer
     if cfg.source == "stdlib" and tok.type != "byte":

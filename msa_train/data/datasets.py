@@ -21,7 +21,8 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from msa_train.data.config import DataConfig, DataConfigError, validate_data_config
+from msa_train.data.config import (DataConfig, DataConfigError, parse_split,
+                                   validate_data_config)
 from msa_train.data.indexed import check_tokenizer_matches
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,30 @@ def _single_process_rank():
 
 
 @contextlib.contextmanager
+def _bounded_epochs():
+    """Megatron's GPTDataset adds epochs until a split holds enough tokens: with an empty split
+    that loop never ends (100% CPU, no output). check_split_sizes refuses such data first; this
+    bound is the backstop for anything it cannot see (a blend member's rounding, mock data)."""
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    original = GPTDataset._get_num_epochs
+
+    def bounded(self, num_tokens_per_epoch: int) -> int:
+        if self.num_samples is not None and num_tokens_per_epoch <= 0:
+            raise DataConfigError(
+                f"the split {self.index_split.name!r} of {self.dataset_path!r} holds no tokens but "
+                f"needs {self.num_samples:,} samples (and at least one token) of {self.config.sequence_length + 1} tokens: "
+                "change data.split or add data")
+        return original(self, num_tokens_per_epoch)
+
+    GPTDataset._get_num_epochs = bounded
+    try:
+        yield
+    finally:
+        GPTDataset._get_num_epochs = original
+
+
+@contextlib.contextmanager
 def _quiet_megatron_logs():
     """Megatron logs every index build at INFO; keep our own one-line summary instead."""
     loggers = [logging.getLogger(n) for n in (
@@ -104,8 +129,28 @@ def resolve_blend(cfg: DataConfig) -> Tuple[Optional[List[str]], Optional[List[f
         cfg.index_cache_dir
 
 
-def build_gpt_dataset_config(cfg: DataConfig, tokenizer, seq_length: int, seed: int):
-    """DataConfig -> megatron GPTDatasetConfig (also resolves/builds the data it points at)."""
+def _check_split_sizes(cfg: DataConfig, prefixes: Optional[List[str]], seq_length: int,
+                       sample_counts: List[int]) -> None:
+    """Refuse data too small for a split before Megatron's index builder can loop on it."""
+    from msa_train.data.index_check import check_split_sizes
+
+    if not prefixes:
+        return
+    if cfg.valid_paths:
+        check_split_sizes(prefixes, None, sample_counts[:1], seq_length, "data.paths")
+        check_split_sizes(list(cfg.valid_paths), None, sample_counts[1:2], seq_length,
+                          "data.valid_paths")
+        return
+    field = "data.paths" if cfg.source == "indexed" else "data.source=stdlib corpus"
+    check_split_sizes(prefixes, parse_split(cfg.split), sample_counts, seq_length, field,
+                      split_text=str(cfg.split))
+
+
+def build_gpt_dataset_config(cfg: DataConfig, tokenizer, seq_length: int, seed: int,
+                             sample_counts: Optional[List[int]] = None):
+    """DataConfig -> megatron GPTDatasetConfig (also resolves/builds the data it points at).
+
+    sample_counts ([train, valid, test] samples): also check that every split can hold them."""
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     validate_data_config(cfg)
@@ -117,6 +162,8 @@ def build_gpt_dataset_config(cfg: DataConfig, tokenizer, seq_length: int, seed: 
             check_tokenizer_matches(prefix, f"data.{name}[{i}]", cfg.tokenizer.type, tokenizer)
     blend = None if prefixes is None else (prefixes, weights)
     blend_per_split = None
+    if sample_counts is not None:
+        _check_split_sizes(cfg, prefixes, seq_length, sample_counts)
     split = str(cfg.split)
     if cfg.valid_paths:
         vw = list(cfg.valid_weights) if cfg.valid_weights is not None else None
@@ -163,11 +210,11 @@ def build_datasets(data_cfg: DataConfig, tokenizer, seq_length: int, seed: int,
             raise DataConfigError(f"{name}={value} must be a non-negative sample count")
     _ensure_dataset_helpers()
     with _quiet_megatron_logs():
-        gpt_cfg = build_gpt_dataset_config(data_cfg, tokenizer, seq_length, seed)
-        cls = MockGPTDataset if gpt_cfg.mock else GPTDataset
         sizes = [num_train_samples, num_valid_samples, num_test_samples]
+        gpt_cfg = build_gpt_dataset_config(data_cfg, tokenizer, seq_length, seed, sizes)
+        cls = MockGPTDataset if gpt_cfg.mock else GPTDataset
         try:
-            with _single_process_rank():
+            with _single_process_rank(), _bounded_epochs():
                 train, valid, test = BlendedMegatronDatasetBuilder(
                     cls, sizes, is_built_on_rank or (lambda: True), gpt_cfg).build()
         except Exception as err:

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import shutil
-from typing import Any, Dict, List, Optional
+import sys
+import time
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
 from msa_train.trainer import ckpt_layout as layout
-from msa_train.trainer import optimizer_state, rng
+from msa_train.trainer import ckpt_manifest, optimizer_state, rng
 from msa_train.trainer.ckpt_layout import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -87,17 +90,17 @@ def _barrier() -> None:
 
 
 def save(root: str, iteration: int, chunks, optimizer, scheduler, progress: Dict[str, Any],
-         state_json: Dict[str, Any], run_config_yaml: str, keep_last_k: Optional[int]) -> str:
-    """Write <root>/iter_XXXXXXX; the tracker file is updated only after every rank finished."""
+         state_json: Dict[str, Any], run_config_yaml: str, keep_last_k: Optional[int],
+         owned: Optional[Iterable[int]] = None) -> str:
+    """Write <root>/iter_XXXXXXX; the tracker file is updated only after every rank finished.
+
+    Pruning (keep_last_k) removes only `owned` iterations (see ckpt_layout.prune)."""
     from megatron.core import dist_checkpointing
 
     directory = layout.iteration_dir(root, iteration)
     rank = torch.distributed.get_rank()
     if rank == 0:
-        # A directory for this iteration that the tracker does not name is a save that died
-        # midway (or the tail of an abandoned run): replace it.
-        if os.path.isdir(directory) and layout.read_tracker(root) != iteration:
-            shutil.rmtree(directory)
+        _clear_for_save(directory)
         os.makedirs(directory, exist_ok=True)
     _barrier()
     sharded = _full_sharded_state_dict(chunks, optimizer, scheduler, progress,
@@ -106,15 +109,81 @@ def save(root: str, iteration: int, chunks, optimizer, scheduler, progress: Dict
     sharded[FORMAT_KEY] = {"optimizer": dict(OPTIMIZER_METADATA), "layout": parallel_layout()}
     dist_checkpointing.save(sharded, directory)
     _barrier()
+    shards = ckpt_manifest.collect_shard_entries(directory)  # collective: each rank its own files
     if rank == 0:
         layout.write_atomic(os.path.join(directory, layout.RUN_CONFIG_FILENAME), run_config_yaml)
         layout.write_state_json(directory, state_json)
+        ckpt_manifest.write_manifest(directory, shards)  # before the tracker names the iteration
         layout.write_tracker(root, iteration)
-        removed = layout.prune(root, keep_last_k, protect=iteration)
+        removed = layout.prune(root, keep_last_k, protect=iteration,
+                               owned=None if owned is None else set(owned) | {iteration})
         if removed:
             log.info("checkpoint: removed iterations %s (keep_last_k=%s)", removed, keep_last_k)
     _barrier()
     return directory
+
+
+def _clear_for_save(directory: str) -> None:
+    """Make room for a save of an iteration whose directory already exists.
+
+    Without a manifest it is a save that died midway: remove it. With one it was complete, and
+    this job went back past it (a damaged checkpoint it fell back from, or a divergence
+    rollback): keep it aside as <iter>.replaced-<time> rather than destroy it.
+    """
+    if not os.path.isdir(directory):
+        return
+    if ckpt_manifest.read_manifest(directory) is None:
+        shutil.rmtree(directory)
+        return
+    aside = f"{os.path.normpath(directory)}.replaced-{time.strftime('%Y%m%dT%H%M%S')}"
+    os.replace(directory, aside)
+    log.warning("checkpoint: kept the earlier %s as %s", directory, aside)
+
+
+def _complete(directory: str) -> bool:
+    return all(os.path.isfile(os.path.join(directory, n))
+               for n in ("metadata.json", layout.STATE_FILENAME))
+
+
+def _loud(message: str) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        bar = "!" * 100
+        print(f"{bar}\n{message}\n{bar}", file=sys.stderr, flush=True)
+
+
+def select_intact(path: str, field: str, verify: bool = True) -> str:
+    """Collective. The iteration to load from `path` (a save dir or an iter_XXXXXXX dir),
+    checked against its manifest. A damaged latest iteration of a save dir falls back to the
+    newest earlier intact one, loudly; nothing is deleted. Raises CheckpointError naming the
+    damaged file(s) when nothing intact is left."""
+    directory = layout.resolve(path, field)
+    if not verify:
+        return directory
+    problems = ckpt_manifest.verify(directory)
+    if problems is None:
+        log.info("checkpoint: %s has no manifest (written by an older msa-train): not verified",
+                 directory)
+        return directory
+    if not problems:
+        return directory
+    report = "\n    ".join(problems)
+    explicit = os.path.normpath(directory) == os.path.normpath(path)
+    if not explicit:
+        latest = int(os.path.basename(os.path.normpath(directory))[len("iter_"):])
+        for it in reversed(layout.list_iterations(path)):
+            candidate = layout.iteration_dir(path, it)
+            if it >= latest or not _complete(candidate):
+                continue
+            if ckpt_manifest.verify(candidate) == []:
+                _loud(f"CHECKPOINT DAMAGED: {directory} fails verification:\n    {report}\n"
+                      f"Resuming from the previous intact iteration {candidate} instead; the "
+                      f"damaged iteration is left on disk (see README: When things go wrong).")
+                return candidate
+    raise CheckpointError(
+        f"{field}: {directory} fails verification:\n    {report}\n  and "
+        + ("no earlier intact iteration is left" if not explicit else "it was named explicitly")
+        + ": restore the file(s) from a copy, point the field at another iteration, or set "
+          "checkpoint.verify=false to load it anyway")
 
 
 def _legacy_layout(directory: str) -> Optional[Dict[str, Any]]:
@@ -169,6 +238,33 @@ def _check_tensor_shapes(directory: str, model_state: Dict[str, Any]) -> None:
 
 def load(directory: str, chunks, optimizer, scheduler, saved_world_size: Optional[int]) -> Dict[str, Any]:
     """Load full training state from an iteration directory; returns the saved progress dict."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        return _load(directory, chunks, optimizer, scheduler, saved_world_size)
+    except CheckpointError:
+        raise
+    except _read_errors() as exc:
+        # Damage the manifest could not catch (checkpoint.verify=false, or no manifest): a raw
+        # EOFError / UnpicklingError from deep inside torch.load names no file and misleads.
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(
+            f"{directory} could not be loaded ({type(exc).__name__}: {first}); the checkpoint is "
+            "damaged or incomplete: resume from an earlier iteration (README: When things go "
+            "wrong), or keep checkpoint.verify=true to have the damaged file named") from exc
+
+
+# What reading damaged files raises from torch.load / torch.distributed.checkpoint / Megatron
+# (EOFError, UnpicklingError, "PytorchStreamReader failed", CheckpointingException, ...);
+# programming errors (NameError, TypeError, AttributeError) still surface as tracebacks.
+def _read_errors() -> tuple:
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    return (EOFError, OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError,
+            CheckpointingException)
+
+
+def _load(directory: str, chunks, optimizer, scheduler, saved_world_size: Optional[int]):
     from megatron.core import dist_checkpointing
 
     current = parallel_layout()

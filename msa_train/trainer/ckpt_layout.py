@@ -13,7 +13,7 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 STATE_FILENAME = "msa_train_state.json"
@@ -33,9 +33,11 @@ def read_tracker(root: str) -> Optional[int]:
     path = os.path.join(root, TRACKER_FILENAME)
     if not os.path.isfile(path):
         return None
-    text = open(path).read().strip()
+    with open(path, "rb") as fh:
+        text = fh.read(64).decode("utf-8", "replace").strip()
     if not text.isdigit():
-        raise CheckpointError(f"{path} holds {text!r}, expected an iteration number")
+        raise CheckpointError(f"{path} holds {text!r}, expected an iteration number: write the "
+                              "number of the newest complete iter_XXXXXXX directory into it")
     return int(text)
 
 
@@ -88,8 +90,16 @@ def read_state_json(directory: str) -> Optional[Dict[str, Any]]:
     path = os.path.join(directory, STATE_FILENAME)
     if not os.path.isfile(path):
         return None
-    with open(path) as fh:
-        return json.load(fh)
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"{path} is damaged ({exc}); resume from an earlier iteration (README: When things "
+            "go wrong) or restore the file from a copy") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is damaged (not a JSON object); restore it from a copy")
+    return data
 
 
 def list_iterations(root: str) -> List[int]:
@@ -103,12 +113,22 @@ def list_iterations(root: str) -> List[int]:
     return sorted(found)
 
 
-def prune(root: str, keep_last_k: Optional[int], protect: int) -> List[int]:
-    """Delete all but the newest keep_last_k iterations (never `protect`, the tracked one)."""
+def prune(root: str, keep_last_k: Optional[int], protect: int,
+          owned: Optional[Iterable[int]] = None) -> List[int]:
+    """Delete iterations older than the newest keep_last_k, but only those in `owned`.
+
+    `owned` are the iterations this job wrote or resumed through (its own lineage); anything
+    else in the directory (another run's save, a newer iteration a concurrent writer is still
+    saving) is never touched, nor is `protect` (the iteration the tracker now names).
+    None = every iteration counts as owned.
+    """
     if keep_last_k is None:
         return []
-    iterations = list_iterations(root)
-    doomed = [it for it in iterations[: max(0, len(iterations) - keep_last_k)] if it != protect]
+    iterations = [it for it in list_iterations(root) if it <= protect]
+    candidates = iterations[: max(0, len(iterations) - keep_last_k)]
+    allowed = None if owned is None else set(owned)
+    doomed = [it for it in candidates
+              if it != protect and (allowed is None or it in allowed)]
     for it in doomed:
         shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
     return doomed

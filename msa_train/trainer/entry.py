@@ -8,6 +8,8 @@ import os
 from omegaconf import DictConfig
 
 from msa_train.config.validate import validate_config
+from msa_train.lifecycle import clear_requeue_request
+from msa_train.trainer.run_lock import lock_for_run
 from msa_train.trainer.runtime import env_world_size, init_runtime, shutdown_runtime
 
 
@@ -30,6 +32,23 @@ def run_training(cfg: DictConfig) -> int:
         return 0
     # Fail on bad configs before any process group, model or dataset exists.
     validate_config(cfg, env_world_size())
+    lock = None
+    if os.environ.get("RANK", "0") == "0":
+        # One job per run: global rank 0 holds the lock until the job ends (run_lock.py).
+        lock = lock_for_run(cfg.checkpoint.save, str(cfg.run_dir)).acquire()
+        for note in lock.took_over:
+            print(f"msa-train: {note}", flush=True)
+        if cfg.checkpoint.save:
+            # A request left by an earlier job (already acted on by its launcher) is stale now.
+            clear_requeue_request(str(cfg.checkpoint.save))
+    try:
+        return _train(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: DictConfig) -> int:
     logging.getLogger("megatron").setLevel(logging.WARNING)
     runtime = init_runtime(cfg.train, cfg.parallel)
     try:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from msa_train.trainer import checkpointing, rng
 from msa_train.trainer import ckpt_layout as layout
 from msa_train.trainer.ckpt_layout import CheckpointError
+from msa_train.trainer.divergence import DivergenceError, DivergencePolicy
 from msa_train.trainer.init_from import load_weights
 from msa_train.trainer.progress import Progress, state_json
 from msa_train.trainer.schedule import RunPlan, StagePlan, build_plan
@@ -57,6 +58,10 @@ class Trainer:
         self.init_report: Optional[Dict] = None
         self.wandb_run_ids: Dict[str, Optional[str]] = {}
         self.job_steps = 0  # optimizer steps taken by this process (train.max_steps_per_job)
+        # Iterations keep_last_k may prune: the ones this job wrote and its resumed lineage.
+        self.owned_iterations: set = set()
+        self.divergence = DivergencePolicy.from_config(cfg.train)
+        self._bad_loss = None  # device flag: a non-finite loss since the last log step
         self._build_data()
 
     # -- data ------------------------------------------------------------------------------------
@@ -65,6 +70,7 @@ class Trainer:
 
         cfg = self.cfg
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        self._check_vocab()
         self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size,
                                             int(cfg.data.tokenizer.make_vocab_size_divisible_by),
                                             int(cfg.parallel.tp))
@@ -75,8 +81,27 @@ class Trainer:
         # Always sized for the WHOLE schedule (both stages), so every job layout shuffles alike.
         self.train_ds, self.valid_ds, _ = build_datasets(
             cfg.data, self.tokenizer, int(cfg.train.seq_length), int(cfg.train.seed),
-            self.plan.total_samples, eval_samples)
+            self.plan.total_samples + self._rollback_margin_samples(), eval_samples)
         self.collator = collator_for(cfg.data, self.tokenizer)
+
+    def _check_vocab(self) -> None:
+        from msa_train.config.validate import ConfigError, check_model_vocab
+
+        errors: List[str] = []
+        check_model_vocab(int(self.cfg.model.vocab_size), int(self.tokenizer.vocab_size),
+                          str(self.cfg.data.tokenizer.type), errors)
+        if errors:
+            raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+    def _rollback_margin_samples(self) -> int:
+        """Rollbacks skip the data read since the last checkpoint; size the index for it
+        (only with the policy on, so the sample order of other runs is unchanged)."""
+        train = self.cfg.train
+        if not train.get("rollback_on_divergence", False):
+            return 0
+        window = int(self.cfg.checkpoint.save_interval or self.plan.total_steps)
+        steps = int(train.max_rollbacks) * (window + int(train.max_skipped_steps))
+        return steps * self.plan.samples_per_step
 
     def _iterators(self, dataset, consumed_samples: int, num_chunks: int):
         from msa_train.data import build_data_loader, cycle
@@ -93,11 +118,13 @@ class Trainer:
 
     # -- start -----------------------------------------------------------------------------------
     def _resume_dir(self) -> Optional[str]:
+        """The iteration to resume, verified against its manifest (collective)."""
         ck = self.cfg.checkpoint
+        verify = bool(ck.get("verify", True))
         if layout.has_checkpoint(ck.save):
-            return layout.resolve(ck.save, "checkpoint.save")
+            return checkpointing.select_intact(ck.save, "checkpoint.save", verify)
         if ck.load:
-            return layout.resolve(ck.load, "checkpoint.load")
+            return checkpointing.select_intact(ck.load, "checkpoint.load", verify)
         return None
 
     def run(self) -> int:
@@ -109,8 +136,23 @@ class Trainer:
         finally:
             self.guard.uninstall()
 
+    def _own_lineage(self, resume_dir: str) -> None:
+        """Earlier iterations of the save dir that hold this run's model belong to this run."""
+        from msa_train.trainer.ckpt_shape import same_shape
+
+        root = os.path.dirname(os.path.normpath(resume_dir))
+        if not self.save_dir or os.path.normpath(root) != os.path.normpath(self.save_dir):
+            return
+        latest = layout.read_tracker(root)
+        for it in layout.list_iterations(root):
+            if latest is not None and it <= latest and same_shape(layout.iteration_dir(root, it),
+                                                                  self.cfg):
+                self.owned_iterations.add(it)
+
     def _run(self) -> int:
         resume_dir = self._resume_dir()
+        if resume_dir:
+            self._own_lineage(resume_dir)
         init_dir = handoff_dir = None
         if resume_dir:
             saved = layout.read_state_json(resume_dir) or {}
@@ -126,7 +168,9 @@ class Trainer:
                 # never with the finished stage's optimizer state.
                 handoff_dir, resume_dir = resume_dir, None
         elif self.cfg.checkpoint.init_from:
-            init_dir = layout.resolve(self.cfg.checkpoint.init_from, "checkpoint.init_from")
+            init_dir = checkpointing.select_intact(self.cfg.checkpoint.init_from,
+                                                   "checkpoint.init_from",
+                                                   bool(self.cfg.checkpoint.get("verify", True)))
             saved = layout.read_state_json(init_dir)
             prev = Progress.from_dict((saved or {}).get("progress", {}))
             first = self.plan.job_stages[0]
@@ -241,6 +285,22 @@ class Trainer:
                 self.progress.advance(self.plan.samples_per_step)
                 self.job_steps += 1
                 step = self.progress.iteration
+                self._note_loss(result.lm_loss)
+                if result.skipped:
+                    _print0(f"step {step}: non-finite gradient norm ({result.grad_norm}): update "
+                            f"skipped ({self.divergence.in_a_row + 1} in a row, limit "
+                            f"train.max_skipped_steps={self.divergence.max_skipped_steps})")
+                action = self.divergence.record(result.skipped)
+                if action == "stop":
+                    raise DivergenceError(self._divergence_message(step))
+                if action == "rollback":
+                    _kl_metrics()  # drop what the rolled-back steps recorded
+                    if sample_recall:
+                        from msa_train.model import get_recall_metrics
+
+                        get_recall_metrics(reset=True)  # collective: every rank rolls back
+                    self._rollback(stage, objs)
+                    continue
                 kl = _kl_metrics()
                 moe = _moe_metrics(objs.config)
                 if sample_recall:
@@ -253,7 +313,10 @@ class Trainer:
                 if cfg.train.eval_interval and step % int(cfg.train.eval_interval) == 0:
                     valid_loss = self._evaluate(objs)
                 if logger.should_log(step) or step == stage.end_step or valid_loss is not None:
-                    metrics = {keys.LM_LOSS: result.lm_loss, keys.GRAD_NORM: result.grad_norm,
+                    self._report_bad_loss(step)
+                    metrics = {keys.LM_LOSS: None if result.lm_loss is None
+                               else float(result.lm_loss),
+                               keys.GRAD_NORM: result.grad_norm,
                                keys.LR: result.lr, keys.STEP_TIME_S: seconds}
                     if kl:
                         from msa_train.model.kl_tracker import mean_kl
@@ -293,6 +356,57 @@ class Trainer:
             logger.close()
         return None
 
+    # -- divergence policy -----------------------------------------------------------------------
+    def _note_loss(self, loss: Optional[torch.Tensor]) -> None:
+        """Accumulate 'loss was non-finite' on the device; read at the next log step only."""
+        if loss is None:
+            return
+        bad = ~torch.isfinite(loss)
+        self._bad_loss = bad if self._bad_loss is None else (self._bad_loss | bad)
+
+    def _report_bad_loss(self, step: int) -> None:
+        if self._bad_loss is not None and bool(self._bad_loss):
+            _print0(f"step {step}: a non-finite loss occurred since the last logged step "
+                    "(steps with non-finite gradients were skipped)")
+        self._bad_loss = None
+
+    def _divergence_message(self, step: int) -> str:
+        latest = layout.read_tracker(self.save_dir) if self.save_dir else None
+        kept = (f"the last checkpoint ({layout.iteration_dir(self.save_dir, latest)}) is untouched"
+                if latest is not None else "there is no checkpoint to go back to")
+        return (f"training diverged: {self.divergence.in_a_row} steps in a row up to step {step} "
+                f"had a non-finite gradient norm ({self.divergence.total_skipped} skipped in this "
+                f"job, {self.divergence.rollbacks} rollbacks); stopped without saving, {kept}. "
+                "Lower train.lr / raise train.lr_warmup_steps, set train.rollback_on_divergence="
+                "true to restart from the last checkpoint on fresh data, or raise "
+                "train.max_skipped_steps")
+
+    def _rollback(self, stage: StagePlan, objs: StageObjects) -> None:
+        """Reload the last checkpoint of this stage; the data position keeps moving forward."""
+        latest = layout.read_tracker(self.save_dir) if self.save_dir else None
+        if latest is None:
+            raise DivergenceError(self._divergence_message(self.progress.iteration)
+                                  + " (no checkpoint to roll back to)")
+        directory = checkpointing.select_intact(self.save_dir, "checkpoint.save",
+                                                bool(self.cfg.checkpoint.get("verify", True)))
+        saved = layout.read_state_json(directory) or {}
+        back = Progress.from_dict(saved.get("progress", {}))
+        if back.iteration <= stage.start_step:
+            # A checkpoint at or before the stage boundary holds another stage's optimizer.
+            raise DivergenceError(self._divergence_message(self.progress.iteration)
+                                  + f" (the last checkpoint, step {back.iteration}, is not inside "
+                                  f"this stage: nothing to roll back to)")
+        checkpointing.load(directory, objs.chunks, objs.optimizer, objs.scheduler,
+                           saved.get("world_size"))
+        skipped = self.progress.consumed_samples - back.consumed_samples
+        _print0(f"ROLLBACK {self.divergence.rollbacks + 1}/{self.divergence.max_rollbacks}: "
+                f"{self.divergence.in_a_row} non-finite steps in a row at step "
+                f"{self.progress.iteration}; reloaded {directory} (step {back.iteration}) and "
+                f"skip the {skipped} samples read since it")
+        self.progress.iteration = back.iteration  # consumed_samples stays: fresh data from here
+        self.divergence.rolled_back()
+        self._bad_loss = None
+
     def _throughput_meter(self, stage: StagePlan):
         from msa_train.metrics.flops import FlopsPerToken, ThroughputMeter
         from msa_train.metrics.peaks import resolve_peak_tflops
@@ -325,12 +439,18 @@ class Trainer:
     # -- checkpoints and exit --------------------------------------------------------------------
     def _save(self, objs: StageObjects) -> None:
         p = self.progress
-        directory = checkpointing.save(
+        with self.guard.deferred():  # a stop signal during the save acts after it
+            directory = self._write_checkpoint(objs)
+        self.owned_iterations.add(p.iteration)
+        _print0(f"saved checkpoint {directory}")
+
+    def _write_checkpoint(self, objs: StageObjects) -> str:
+        p = self.progress
+        return checkpointing.save(
             self.save_dir, p.iteration, objs.chunks, objs.optimizer, objs.scheduler, p.to_dict(),
             state_json(self.cfg, self.plan, p, self.wandb_run_ids, self.init_report,
                        self.runtime.world_size),
-            self.run_config_yaml, self.cfg.checkpoint.keep_last_k)
-        _print0(f"saved checkpoint {directory}")
+            self.run_config_yaml, self.cfg.checkpoint.keep_last_k, owned=self.owned_iterations)
 
     def _requeue(self) -> int:
         from msa_train.lifecycle import REQUEUE_EXIT_CODE, write_requeue_request

@@ -106,7 +106,9 @@ def wrap_ddp(config, chunks, parallel_cfg) -> List[torch.nn.Module]:
         overlap_grad_reduce=bool(parallel_cfg.overlap_grad_reduce),
         overlap_param_gather=bool(parallel_cfg.overlap_param_gather),
         use_distributed_optimizer=bool(parallel_cfg.use_distributed_optimizer),
-        check_for_nan_in_grad=True,
+        # Non-finite gradients are the divergence policy's job (skip the update, count, stop or
+        # roll back: msa_train.trainer.divergence), not a RuntimeError inside the reduction.
+        check_for_nan_in_grad=False,
     )
     return [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,

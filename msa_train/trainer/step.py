@@ -5,17 +5,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, Iterator, List, Optional
+import math
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 
 @dataclass
 class StepResult:
-    lm_loss: Optional[float]  # mean over the global batch's loss tokens; None off the last PP stage
+    # Mean over the global batch's loss tokens, a 0-dim device tensor (read it only when logging:
+    # .item() would synchronize every step); None off the last PP stage.
+    lm_loss: Optional[torch.Tensor]
     grad_norm: Optional[float]
     lr: float
-    skipped: bool  # optimizer refused the update (non-finite gradients)
+    skipped: bool  # the update was not applied (non-finite gradients)
     extra: Dict[str, float]
 
 
@@ -47,7 +50,7 @@ def make_forward_step(device: torch.device, cp_size: int):
     return forward_step
 
 
-def _reduce_lm_loss(losses: List[Dict[str, torch.Tensor]]) -> Optional[float]:
+def _reduce_lm_loss(losses: List[Dict[str, torch.Tensor]]) -> Optional[torch.Tensor]:
     from megatron.core import parallel_state
 
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True) or not losses:
@@ -55,7 +58,7 @@ def _reduce_lm_loss(losses: List[Dict[str, torch.Tensor]]) -> Optional[float]:
     total = torch.stack([entry["lm_loss"] for entry in losses]).sum(dim=0)  # [loss_sum, tokens]
     torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(
         with_context_parallel=True))
-    return float(total[0] / total[1].clamp(min=1))
+    return total[0] / total[1].clamp(min=1)
 
 
 def _run_schedule(chunks, data_iterator, num_microbatches: int, seq_length: int,
@@ -76,6 +79,36 @@ def _run_schedule(chunks, data_iterator, num_microbatches: int, seq_length: int,
     )
 
 
+@torch.no_grad()
+def guarded_optimizer_step(optimizer) -> Tuple[bool, Optional[float]]:
+    """Megatron's optimizer.step(), except that a non-finite gradient norm skips the update.
+
+    Megatron clips with the norm it brings to the host anyway (get_grad_norm_fp32 ends in
+    .item()), so deciding on it costs no extra synchronization. Unclipped, a NaN norm would pass
+    `clip_coeff < 1` and write NaN into every parameter and Adam moment. Same arithmetic as
+    Megatron's step otherwise: the norm of all sub-optimizers' grads, one clip coefficient.
+    """
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    from msa_train.trainer.optimizer_state import sub_optimizers
+
+    if optimizer.prepare_grads():  # a loss scaler found inf/nan (fp16): Megatron skips too
+        return False, None
+    grad_norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(grad_norm):
+        return False, grad_norm
+    for sub in sub_optimizers(optimizer):
+        if getattr(sub, "is_stub_optimizer", False) or sub.config.clip_grad <= 0.0:
+            continue
+        params = sub.get_parameters()
+        if params:
+            clip_grad_by_total_norm_fp32(
+                params, max_norm=sub.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=getattr(sub.config,
+                                           "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False))
+    return bool(optimizer.step_with_ready_grads()), grad_norm
+
+
 def train_step(chunks, optimizer, scheduler, config, data_iterator, *, num_microbatches: int,
                seq_length: int, micro_batch_size: int, global_batch_size: int,
                device: torch.device, cp_size: int) -> StepResult:
@@ -91,13 +124,13 @@ def train_step(chunks, optimizer, scheduler, config, data_iterator, *, num_micro
                                     grad_scale))
     losses = _run_schedule(chunks, data_iterator, num_microbatches, seq_length, micro_batch_size,
                            device, cp_size, forward_only=False)
-    update_ok, grad_norm, _ = optimizer.step()
+    update_ok, grad_norm = guarded_optimizer_step(optimizer)
     if update_ok:
         scheduler.step(increment=global_batch_size)
     lr = optimizer.param_groups[0]["lr"] if optimizer.param_groups else 0.0
     return StepResult(
         lm_loss=_reduce_lm_loss(losses),
-        grad_norm=None if grad_norm is None else float(grad_norm),
+        grad_norm=grad_norm,
         lr=float(lr),
         skipped=not update_ok,
         extra={},
@@ -116,4 +149,5 @@ def eval_step(chunks, data_iterator, *, num_microbatches: int, seq_length: int,
     finally:
         for chunk in chunks:
             chunk.train()
-    return _reduce_lm_loss(losses)
+    loss = _reduce_lm_loss(losses)
+    return None if loss is None else float(loss)

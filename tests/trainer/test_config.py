@@ -87,10 +87,13 @@ def test_directory_without_checkpoint_is_an_error(tmp_path):
 
 
 def _fake_data_prefix(tmp_path):
-    prefix = tmp_path / "corpus_text_document"
-    for ext in (".bin", ".idx"):
-        (tmp_path / f"corpus_text_document{ext}").write_bytes(b"\0")
-    return str(prefix)
+    """A small but valid indexed dataset (validation reads its .idx header and sizes)."""
+    from msa_train.data.indexed import IndexedWriter
+
+    prefix = str(tmp_path / "corpus_text_document")
+    with IndexedWriter(prefix, 257, 256) as w:
+        w.add(list(range(100)))
+    return prefix
 
 
 def _fake_checkpoint(tmp_path):
