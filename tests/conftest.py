@@ -17,6 +17,13 @@ def _isolated_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+def pytest_configure(config):
+    # Importing megatron.core announces its fallbacks without TransformerEngine / Apex: this
+    # project's supported setup, noise in every test's output.
+    config.addinivalue_line("filterwarnings",
+                            "ignore:Transformer Engine and Apex are not installed:UserWarning")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -74,6 +74,14 @@ def _plt():
     return plt
 
 
+def _save(fig, out_dir: str, name: str) -> str:
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
 def plot_perplexity(ppl: Dict, out_dir: str) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -85,11 +93,7 @@ def plot_perplexity(ppl: Dict, out_dir: str) -> str:
     ax.set_ylabel("perplexity")
     ax.set_title("Perplexity by position")
     ax.legend()
-    fig.tight_layout()
-    path = os.path.join(out_dir, "perplexity_by_position.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir, "perplexity_by_position.png")
 
 
 def plot_retrieval(retrieval: Dict, out_dir: str) -> str:
@@ -104,11 +108,7 @@ def plot_retrieval(retrieval: Dict, out_dir: str) -> str:
     ax.set_ylabel("exact-match accuracy")
     ax.set_title("Retrieval")
     ax.legend()
-    fig.tight_layout()
-    path = os.path.join(out_dir, "retrieval.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir, "retrieval.png")
 
 
 def plot_recall(recall: Dict, out_dir: str) -> str:
@@ -126,8 +126,4 @@ def plot_recall(recall: Dict, out_dir: str) -> str:
     ax.set_ylim(0, 1.05)
     ax.set_title("Indexer recall against the main branch's top-k")
     ax.legend()
-    fig.tight_layout()
-    path = os.path.join(out_dir, "recall.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir, "recall.png")

@@ -1,17 +1,7 @@
 import os
-import warnings
 
 import numpy as np
 import pytest
-
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
-
-
-def pytest_configure(config):
-    # importing megatron.core announces the missing TE/Apex fallbacks; irrelevant to data tests
-    config.addinivalue_line("filterwarnings",
-                            "ignore:Transformer Engine and Apex are not installed:UserWarning")
-
 
 def write_prefix(prefix, docs, vocab_size=257, eod=256):
     """Write documents (lists of ids, EOD excluded) as an indexed dataset; returns the prefix."""

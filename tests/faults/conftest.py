@@ -1,24 +1,7 @@
-import warnings
-
 import numpy as np
 import pytest
 
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
-
-
-def pytest_configure(config):
-    config.addinivalue_line("filterwarnings",
-                            "ignore:Transformer Engine and Apex are not installed:UserWarning")
-
-
-def write_prefix(prefix, docs, vocab_size=257, eod=256):
-    """Documents (lists of ids, EOD excluded) as an indexed dataset; returns the prefix."""
-    from msa_train.data.indexed import IndexedWriter
-
-    with IndexedWriter(str(prefix), vocab_size, eod) as w:
-        for d in docs:
-            w.add(np.asarray(d, dtype=np.int64))
-    return str(prefix)
+from tests.data.conftest import write_prefix  # noqa: F401  (shared by the fault tests)
 
 
 @pytest.fixture
