@@ -1,0 +1,83 @@
+"""A local Hugging Face checkpoint directory: config.json + safetensors (one file or sharded)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Tuple
+
+import torch
+
+from msa_train.convert.families.base import ConversionError
+
+# Files of a Hugging Face tokenizer, copied next to a converted checkpoint when present.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "generation_config.json", "chat_template.jinja")
+
+
+def read_config(directory: str) -> Dict[str, Any]:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ConversionError(f"{directory} has no config.json: pass a Hugging Face model directory")
+    with open(path) as fh:
+        cfg = json.load(fh)
+    if "text_config" in cfg and "num_hidden_layers" not in cfg:
+        raise ConversionError(f"{path} nests a text_config (a multimodal model): not supported")
+    return cfg
+
+
+class HFSource:
+    """Lazy tensor access by name; a tensor is read from its (memory-mapped) file when asked."""
+
+    def __init__(self, directory: str):
+        from safetensors import safe_open
+
+        self.directory = directory
+        index = os.path.join(directory, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as fh:
+                weight_map = json.load(fh)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+            weight_map = None
+        if not files:
+            raise ConversionError(
+                f"{directory} has no *.safetensors weights (pytorch_model.bin is not read: "
+                "convert it with transformers' save_pretrained(safe_serialization=True))")
+        self._handles = {f: safe_open(os.path.join(directory, f), framework="pt") for f in files}
+        self.file_of: Dict[str, str] = {}
+        for f, handle in self._handles.items():
+            for key in handle.keys():
+                self.file_of[key] = f
+        if weight_map is not None:
+            missing = sorted(k for k in weight_map if k not in self.file_of)
+            if missing:
+                raise ConversionError(f"model.safetensors.index.json names tensors no file holds: "
+                                      f"{missing[:5]}")
+
+    def keys(self) -> List[str]:
+        return list(self.file_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.file_of
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        return tuple(self._handles[self.file_of[key]].get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._handles[self.file_of[key]].get_tensor(key)
+
+
+def copy_tokenizer(src: str, dst: str) -> List[str]:
+    import shutil
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            os.makedirs(dst, exist_ok=True)
+            shutil.copy2(path, os.path.join(dst, name))
+            copied.append(name)
+    return copied
