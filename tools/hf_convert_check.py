@@ -19,9 +19,11 @@ import sys
 import time
 
 
-# msa-convert in a child that reports its own peak resident memory when it ends.
-_WRAPPER = ("import resource, sys\nfrom msa_train.convert.cli import main\ntry:\n    main(sys.argv[1:])\n"
-            "finally:\n    print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+# msa-convert in a child that reports its own peak resident memory when it ends. VmHWM, not
+# getrusage's ru_maxrss: the latter survives exec and would report this (model-holding) parent.
+_WRAPPER = ("import sys\nfrom msa_train.convert.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "finally:\n    print('PEAK_RSS_KB', [l.split()[1] for l in open('/proc/self/status')"
+            " if l.startswith('VmHWM')][0])")
 
 
 def _run(args):
