@@ -20,7 +20,7 @@ import torch
 
 from msa_train.convert import converted, tensors
 from msa_train.convert.dcp_io import CheckpointReader
-from msa_train.convert.families import FAMILIES, MSA, family_for_model
+from msa_train.convert.families import MSA, family_for_model
 from msa_train.convert.families.base import ConversionError, Family
 from msa_train.convert.hf_source import copy_tokenizer
 from msa_train.convert.plan import Item, expand_rules

@@ -21,7 +21,7 @@ from msa_train.convert import converted, tensors
 from msa_train.convert.families import family_for_config
 from msa_train.convert.families.base import ConversionError
 from msa_train.convert.hf_source import HFSource, copy_tokenizer, read_config
-from msa_train.convert.plan import Item, check_tp_independent, expand_rules, megatron_shapes, meta
+from msa_train.convert.plan import Item, check_head_counts, expand_rules, megatron_shapes, meta
 from msa_train.model.config import AttentionConfig, ModelConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -33,7 +33,7 @@ def model_config_from_hf(cfg: Dict[str, Any]) -> ModelConfig:
     family = family_for_config(cfg)
     model = converted.model_from_dict(dict(family.to_model(cfg), name=f"hf_{family.name}",
                                            hf_family=family.name))
-    check_tp_independent(model)
+    check_head_counts(model)
     return model
 
 

@@ -82,7 +82,7 @@ def ensure_parallel() -> None:
         init_parallel({})
 
 
-def check_tp_independent(model: ModelConfig) -> None:
+def check_head_counts(model: ModelConfig) -> None:
     if model.num_attention_heads % model.num_query_groups:
         raise ConversionError(
             f"num_attention_heads ({model.num_attention_heads}) is not a multiple of "

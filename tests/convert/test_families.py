@@ -1,6 +1,5 @@
 """config.json -> ModelConfig per family, refusals with clear messages, ModelConfig -> config.json."""
 
-import json
 
 import pytest
 

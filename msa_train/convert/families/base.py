@@ -12,7 +12,7 @@ model) must have for the rule to apply (see `layer_features`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, Optional, Tuple
 
 from msa_train.model.config import ModelConfig
@@ -53,9 +53,6 @@ class Family:
     rules: Tuple[Rule, ...]
     to_model: Callable[[Dict[str, Any]], Dict[str, Any]]  # config.json -> ModelConfig kwargs
     to_hf: Callable[[ModelConfig], Dict[str, Any]]  # ModelConfig -> config.json fields
-    # config.json keys this family understands and ignores on purpose (kept on round trip).
-    notes: str = ""
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 def layer_features(model: ModelConfig, attn, layer: int) -> FrozenSet[str]:
