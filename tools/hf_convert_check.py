@@ -26,6 +26,17 @@ _WRAPPER = ("import sys\nfrom msa_train.convert.cli import main\ntry:\n    main(
             " if l.startswith('VmHWM')][0])")
 
 
+# The runtime alone (Python, PyTorch, Megatron, the converter): the floor under both peaks.
+_BASELINE = ("import msa_train.convert.importer, msa_train.convert.exporter, msa_train.convert.plan\n"
+             "import megatron.core.dist_checkpointing, torch.distributed.checkpoint, safetensors.torch\n"
+             "print('PEAK_RSS_KB', [l.split()[1] for l in open('/proc/self/status')"
+             " if l.startswith('VmHWM')][0])")
+
+
+def _peak_kb(stdout: str) -> int:
+    return [int(line.split()[1]) for line in stdout.splitlines() if line.startswith("PEAK_RSS_KB")][-1]
+
+
 def _run(args):
     """Run msa-convert ARGS; returns (seconds, peak RSS in MiB of that process)."""
     start = time.time()
@@ -33,8 +44,7 @@ def _run(args):
                           stdout=subprocess.PIPE, text=True)
     seconds = time.time() - start
     print(proc.stdout.strip())
-    peak = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("PEAK_RSS_KB")]
-    return seconds, peak[-1] / 1024
+    return seconds, _peak_kb(proc.stdout) / 1024
 
 
 def main() -> None:
@@ -57,9 +67,12 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     size_mib = sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir)
                    if f.endswith(".safetensors")) / 2**20
+    largest = max(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     del model
+    base = _peak_kb(subprocess.run([sys.executable, "-c", _BASELINE], check=True,
+                                   stdout=subprocess.PIPE, text=True).stdout) / 1024
     t_imp, rss_imp = _run(["import-hf", hf_dir, conv, "--attention", args.attention,
-                                 "--dtype", "bf16"])
+                           "--dtype", "bf16"])
     t_exp, rss_exp = _run(["export-hf", conv, out, "--no-msa", "--shard-size-gb", "0.3"])
     original = tf.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).eval()
     back = tf.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
@@ -70,6 +83,7 @@ def main() -> None:
         logits_equal = torch.equal(original(tokens).logits, back(tokens).logits)
     print(json.dumps({"config": args.config, "architecture": cfg.architectures[0],
                       "parameters": params, "safetensors_mib": round(size_mib, 1),
+                      "largest_tensor_mib": round(largest, 1), "runtime_baseline_rss_mib": round(base),
                       "import_seconds": round(t_imp, 1), "import_peak_rss_mib": round(rss_imp),
                       "export_seconds": round(t_exp, 1), "export_peak_rss_mib": round(rss_exp),
                       "tensors_bit_identical": same, "logits_identical": logits_equal}, indent=2))

@@ -46,11 +46,13 @@ class HFSource:
             raise ConversionError(
                 f"{directory} has no *.safetensors weights (pytorch_model.bin is not read: "
                 "convert it with transformers' save_pretrained(safe_serialization=True))")
-        self._handles = {f: safe_open(os.path.join(directory, f), framework="pt") for f in files}
         self.file_of: Dict[str, str] = {}
-        for f, handle in self._handles.items():
-            for key in handle.keys():
-                self.file_of[key] = f
+        self._shapes: Dict[str, Tuple[int, ...]] = {}
+        for f in files:
+            with safe_open(os.path.join(directory, f), framework="pt") as handle:
+                for key in handle.keys():
+                    self.file_of[key] = f
+                    self._shapes[key] = tuple(handle.get_slice(key).get_shape())
         if weight_map is not None:
             missing = sorted(k for k in weight_map if k not in self.file_of)
             if missing:
@@ -64,10 +66,15 @@ class HFSource:
         return key in self.file_of
 
     def shape(self, key: str) -> Tuple[int, ...]:
-        return tuple(self._handles[self.file_of[key]].get_slice(key).get_shape())
+        return self._shapes[key]
 
     def get(self, key: str) -> torch.Tensor:
-        return self._handles[self.file_of[key]].get_tensor(key)
+        from safetensors import safe_open
+
+        # Opened per tensor: the file's memory map (and the pages read through it) goes away with
+        # the handle, so a whole shard never stays resident.
+        with safe_open(os.path.join(self.directory, self.file_of[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
 
 
 def copy_tokenizer(src: str, dst: str) -> List[str]:
