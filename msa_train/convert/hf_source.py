@@ -77,9 +77,16 @@ class HFSource:
             return handle.get_tensor(key)
 
 
+# A directory holds a tokenizer only with one of these (config files alone are not one).
+_TOKENIZER_CORE = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
 def copy_tokenizer(src: str, dst: str) -> List[str]:
+    """Copy the tokenizer files of src to dst; none (and [] returned) without a tokenizer."""
     import shutil
 
+    if not any(os.path.isfile(os.path.join(src, name)) for name in _TOKENIZER_CORE):
+        return []
     copied = []
     for name in TOKENIZER_FILES:
         path = os.path.join(src, name)

@@ -83,6 +83,19 @@ def megatron_model_from(converted_dir: str, mode: str = None):
     return model.eval()
 
 
+def megatron_sparse_from_save(save_dir):
+    """The one-rank Megatron model of an msa-train checkpoint (any saving layout), sparse mode."""
+    from msa_train.convert.exporter import resolve_source
+    from msa_train.model import build_model, build_transformer_config, set_msa_mode
+    from msa_train.trainer.init_from import load_weights
+
+    src = resolve_source(save_dir)
+    model = build_model(build_transformer_config(src.model, src.attention, {}, torch.float32))
+    load_weights(src.iteration_dir, [model], lambda n: False)
+    set_msa_mode(model, "sparse")
+    return model.eval()
+
+
 def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
     with torch.no_grad():

@@ -34,8 +34,7 @@ def test_trains_at_another_layout_and_exports(imported, tmp_path, layout, nproc)
     import transformers as tf
 
     from msa_train.convert.exporter import export_hf
-    from tests.convert.helpers import rel_err
-    from tests.convert.test_msa_export import _megatron
+    from tests.convert.helpers import megatron_sparse_from_save, rel_err
 
     save = str(tmp_path / "save")
     result = run_train([*BASE, f"checkpoint.init_from={imported}", f"checkpoint.save={save}",
@@ -47,7 +46,7 @@ def test_trains_at_another_layout_and_exports(imported, tmp_path, layout, nproc)
     hf = tf.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
     tokens = torch.randint(0, 257, (1, 70), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        expected = _megatron(save)(tokens, torch.arange(70)[None], None).float()
+        expected = megatron_sparse_from_save(save)(tokens, torch.arange(70)[None], None).float()
         got = hf.eval()(tokens).logits
     assert rel_err(got, expected) <= 1e-4, rel_err(got, expected)
 

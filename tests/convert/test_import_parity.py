@@ -34,6 +34,7 @@ def test_import_matches_hf_logits(case, tmp_path, megatron_1rank):
                          progress=False)
     assert manifest["family"] == family
     assert manifest["fresh"], "dense source: the index branch starts fresh"
+    assert manifest["tokenizer"] is None  # generation_config.json alone is not a tokenizer
     model = megatron_model_from(str(out), mode="sparse")
     tokens = torch.randint(0, hf.config.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

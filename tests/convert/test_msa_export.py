@@ -11,7 +11,7 @@ import torch
 
 from msa_train.convert.exporter import export_hf
 from msa_train.convert.importer import import_hf
-from tests.convert.helpers import attention_file, make_hf_model, rel_err
+from tests.convert.helpers import attention_file, make_hf_model, megatron_sparse_from_save, rel_err
 from tests.trainer.helpers import SMALL, run_train
 
 pytestmark = pytest.mark.slow
@@ -35,18 +35,6 @@ def trained(tmp_path_factory, megatron_1rank):
     return str(save), str(tmp / "run")
 
 
-def _megatron(save_dir):
-    from msa_train.convert.exporter import resolve_source
-    from msa_train.model import build_model, build_transformer_config, set_msa_mode
-    from msa_train.trainer.init_from import load_weights
-
-    src = resolve_source(save_dir)
-    model = build_model(build_transformer_config(src.model, src.attention, {}, torch.float32))
-    load_weights(src.iteration_dir, [model], lambda n: False)
-    set_msa_mode(model, "sparse")
-    return model.eval()
-
-
 def test_hf_sparse_forward_and_cached_generation(trained, tmp_path):
     import transformers as tf
 
@@ -60,7 +48,7 @@ def test_hf_sparse_forward_and_cached_generation(trained, tmp_path):
 
     tokens = torch.randint(0, 257, (2, SEQ), generator=torch.Generator().manual_seed(3))
     pos = torch.arange(SEQ).unsqueeze(0).expand_as(tokens)
-    meg = _megatron(save_dir)
+    meg = megatron_sparse_from_save(save_dir)
     with torch.no_grad():
         expected = meg(tokens, pos, None).float()
         got = hf(tokens).logits
