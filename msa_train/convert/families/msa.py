@@ -2,13 +2,14 @@
 tables in one layout (Qwen3-MoE's expert names), plus the index branch named as MiniMax-M3 names it."""
 
 from msa_train.convert.families.base import (ATTENTION, DENSE_MLP, EMBEDDING, INDEX_BRANCH,
-                                             QK_NORM, QKV_BIAS, Family)
+                                             QK_NORM, QKV_BIAS, ConversionError, Family)
 from msa_train.convert.families.common import llama_like_to_hf, refuse_if
 from msa_train.convert.families.qwen3_moe import MOE
 
 
 def to_model(cfg):
-    raise NotImplementedError("import of exported MSA models is not supported yet")
+    raise ConversionError("import-hf of an exported MSAForCausalLM is not supported: continue "
+                          "from the msa-train checkpoint it was exported from")
 
 
 def to_hf(m):
