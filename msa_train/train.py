@@ -34,6 +34,7 @@ BAD_INPUT_EXIT_CODE = 2
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     from msa_train.config import ConfigError
+    from msa_train.convert.cpt import CPTConfigError
     from msa_train.data import DataConfigError
     from msa_train.trainer import CheckpointError, run_training
     from msa_train.trainer.divergence import DIVERGED_EXIT_CODE, DivergenceError
@@ -41,7 +42,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
     try:
         code = run_training(cfg)
-    except (ConfigError, CheckpointError, DataConfigError) as exc:
+    except (ConfigError, CheckpointError, DataConfigError, CPTConfigError) as exc:
         # A user error, not a crash: the message names the field; no traceback.
         print(f"msa-train: {exc}", file=sys.stderr)
         sys.exit(BAD_INPUT_EXIT_CODE)

@@ -41,8 +41,20 @@ def build_model(
         position_embedding_type=config.gpt_position_embedding_type,
         rotary_percent=config.gpt_rotary_percent,
         rotary_base=config.gpt_rotary_base,
+        **_rope_scaling_kwargs(config),
         vp_stage=vp_stage,
     )
+
+
+def _rope_scaling_kwargs(config) -> dict:
+    """GPTModel's RoPE scaling arguments for config.gpt_rope_scaling (None, llama3, linear)."""
+    kind = getattr(config, "gpt_rope_scaling", None)
+    factor = float(getattr(config, "gpt_rope_scaling_factor", 1.0))
+    if kind == "llama3":
+        return {"rope_scaling": True, "rope_scaling_factor": factor}
+    if kind == "linear":
+        return {"seq_len_interpolation_factor": factor}
+    return {}
 
 
 def index_parameters(model: torch.nn.Module) -> Iterator[tuple]:

@@ -35,6 +35,14 @@ class ModelConfig:
     gated_linear_unit: bool = True  # SwiGLU
     qk_layernorm: bool = False
     untie_embeddings_and_output_weights: bool = True
+    add_qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2 / Qwen2.5)
+    # RoPE frequency scaling: None, "llama3" (Llama 3.1+: low/high frequency factors 1 / 4 over
+    # 8192 original positions) or "linear" (positions divided by the factor).
+    rope_scaling: Optional[str] = None
+    rope_scaling_factor: float = 1.0
+    # Hugging Face architecture family this model came from / exports to (msa-convert), e.g.
+    # "llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral"; None = not converted.
+    hf_family: Optional[str] = None
     # MoE (num_moe_experts None = dense FFN everywhere).
     num_moe_experts: Optional[int] = None
     moe_router_topk: int = 2
@@ -131,6 +139,11 @@ def validate_model_config(cfg: ModelConfig) -> None:
             f"model.position_embedding_type must be 'rope' or 'none', got "
             f"{cfg.position_embedding_type!r}"
         )
+    if cfg.rope_scaling not in (None, "llama3", "linear"):
+        raise ValueError(
+            f"model.rope_scaling must be null, 'llama3' or 'linear', got {cfg.rope_scaling!r}")
+    if cfg.rope_scaling is not None and not cfg.rope_scaling_factor > 0:
+        raise ValueError(f"model.rope_scaling_factor must be > 0, got {cfg.rope_scaling_factor}")
     if cfg.normalization not in ("RMSNorm", "LayerNorm"):
         raise ValueError(f"model.normalization must be RMSNorm or LayerNorm, got {cfg.normalization!r}")
     if cfg.num_moe_experts is not None:

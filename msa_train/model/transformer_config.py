@@ -41,6 +41,8 @@ class MSATransformerConfig(TransformerConfig):
     gpt_rotary_base: int = 10000
     gpt_rotary_percent: float = 1.0
     gpt_share_embeddings: bool = False
+    gpt_rope_scaling: Optional[str] = None  # None | "llama3" | "linear" (ModelConfig.rope_scaling)
+    gpt_rope_scaling_factor: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -135,6 +137,7 @@ def build_transformer_config(
         gated_linear_unit=m.gated_linear_unit,
         activation_func=F.silu if m.gated_linear_unit else F.gelu,
         qk_layernorm=m.qk_layernorm,
+        add_qkv_bias=m.add_qkv_bias,
         rotary_interleaved=False,
         add_bias_linear=False,  # MoE + bias hits an in-place view error in Megatron
         attention_dropout=0.0,
@@ -179,6 +182,8 @@ def build_transformer_config(
         gpt_rotary_base=m.rotary_base,
         gpt_rotary_percent=m.rotary_percent,
         gpt_share_embeddings=not m.untie_embeddings_and_output_weights,
+        gpt_rope_scaling=m.rope_scaling,
+        gpt_rope_scaling_factor=m.rope_scaling_factor,
     )
     if m.num_moe_experts is not None:
         kwargs.update(

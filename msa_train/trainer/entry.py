@@ -24,6 +24,10 @@ def _write_run_config(cfg: DictConfig) -> None:
 
 
 def run_training(cfg: DictConfig) -> int:
+    # experiment=cpt_from_hf: the model shape (and tokenizer) of an `msa-convert import-hf` output.
+    from msa_train.convert.cpt import apply_converted_model
+
+    apply_converted_model(cfg)
     if cfg.dry_run:
         # Plans (and validates) at the layout's target world size, not this process's.
         from msa_train.dry_run import dry_run
