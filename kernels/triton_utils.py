@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
-from ._triton_compat import fp32_products
+from ._triton_compat import fp32_products, interpreting
 from .layout import VarlenLayout
 
-__all__ = ["next_pow2", "pow2_at_least_16", "dot_precision", "frag_table", "query_tile_table", "last_dim_contiguous"]
+__all__ = ["next_pow2", "pow2_at_least_16", "dot_precision", "dot", "frag_table", "query_tile_table",
+           "last_dim_contiguous"]
 
 
 def next_pow2(n: int) -> int:
@@ -24,13 +26,26 @@ def pow2_at_least_16(n: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``input_precision`` of a tl.dot on ``dtype`` operands.
+    """The ``PRECISION`` constexpr of :func:`dot` for ``dtype`` operands.
 
     fp32 inputs multiply in fp32 (TF32 would also reorder top-k near-ties) unless torch's fp32
-    matmuls may use TF32 (_triton_compat.fp32_products); bf16/fp16 operands ignore it."""
+    matmuls may use TF32 (_triton_compat.fp32_products); bf16/fp16 operands ignore it. "upcast":
+    bf16 under the CPU interpreter, whose tl.dot gets bf16 operands produced in-kernel wrong."""
     if dtype == torch.float32 and fp32_products():
         return "ieee"
+    if dtype == torch.bfloat16 and interpreting():
+        return "upcast"
     return "tf32"
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr):
+    """tl.dot with fp32 accumulation; PRECISION from :func:`dot_precision` ("upcast" multiplies in
+    fp32, only ever chosen under the CPU interpreter)."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
 
 
 def frag_table(layout: VarlenLayout, device) -> torch.Tensor:

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .._triton_compat import ensure_interpreter_compat
 from ..layout import VarlenLayout
-from ..triton_utils import pow2_at_least_16
+from ..triton_utils import dot, pow2_at_least_16
 
 __all__ = ["teacher_student_tile", "accumulate_row_stats", "finish_rows", "dk_tile", "store_dk", "kv_unit",
            "kv_step_rows", "check_kernel_limits", "strides", "norm", "dk_buffer", "kv_key_tile"]
@@ -54,7 +54,7 @@ def teacher_student_tile(
         head = r * G + h
         qh = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                      mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # [M, DP]
-        s = tl.dot(qh, tl.trans(k), input_precision=PRECISION) * scale  # [M, N]
+        s = dot(qh, tl.trans(k), PRECISION) * scale  # [M, N]
         lse = tl.load(LSE + q_rows * stride_lt + head * stride_lh, mask=q_ok, other=0.0)  # [M]
         # An empty main-branch support (lse = -inf) contributes p = 0, as in the reference.
         lse = tl.where(lse == float("-inf"), 0.0, lse)
@@ -66,7 +66,7 @@ def teacher_student_tile(
                  mask=q_ok[:, None] & e_ok[None, :], other=0.0)  # [M, DIP]
     ki = tl.load(KI + k_rows[:, None] * stride_kit + offs_e[None, :],
                  mask=k_ok[:, None] & e_ok[None, :], other=0.0)  # [N, DIP]
-    t = tl.dot(qi, tl.trans(ki), input_precision=PRECISION) * iscale
+    t = dot(qi, tl.trans(ki), PRECISION) * iscale
     t = tl.where(mask, t, float("-inf"))
     return p, t, qi, ki, mask
 
@@ -84,8 +84,8 @@ def accumulate_row_stats(p, t, ki, mask, m_i, l_i, psum, plogp, pt, acc_e, acc_p
     plogp += tl.sum(tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), 1)
     pt += tl.sum(p * tl.where(mask, t, 0.0), 1)
     if WANT_DQ:
-        acc_e = acc_e * alpha[:, None] + tl.dot(e.to(ki.dtype), ki, input_precision=PRECISION)
-        acc_p += tl.dot(p.to(ki.dtype), ki, input_precision=PRECISION)
+        acc_e = acc_e * alpha[:, None] + dot(e.to(ki.dtype), ki, PRECISION)
+        acc_p += dot(p.to(ki.dtype), ki, PRECISION)
     return m_new, l_i, psum, plogp, pt, acc_e, acc_p
 
 
@@ -122,7 +122,7 @@ def dk_tile(Q, K, LSE, QI, KI, LSES, PSUM, q_rows, q_ok, qk_rows, k_rows, k_ok, 
     psum = tl.load(PSUM + r * stride_st + q_rows, mask=q_ok, other=0.0)
     qprob = tl.exp(t - lse_t[:, None])  # 0 off support (t = -inf)
     ds = qprob * psum[:, None] - p  # [M, N] d KL / d t
-    return tl.dot(tl.trans(ds.to(qi.dtype)), qi, input_precision=PRECISION)
+    return dot(tl.trans(ds.to(qi.dtype)), qi, PRECISION)
 
 
 @triton.jit

@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from ..layout import VarlenLayout
-from ..triton_utils import dot_precision, frag_table, last_dim_contiguous, pow2_at_least_16, query_tile_table
+from ..triton_utils import (dot, dot_precision, frag_table, last_dim_contiguous, pow2_at_least_16,
+                           query_tile_table)
 from ..tuning import KLTuning, interpret_tiles, kl_tuning
 from .common import (accumulate_row_stats, check_kernel_limits, dk_buffer, dk_tile, finish_rows, norm, store_dk,
                      strides, teacher_student_tile)
@@ -54,7 +55,7 @@ def _dense_lse_kernel(
         offs_n = n0 + tl.arange(0, BN).to(tl.int64)
         k = tl.load(K + (k_start + offs_n)[:, None] * stride_kt + r * stride_kh + offs_d[None, :],
                     mask=(offs_n < k_len)[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = dot(q, tl.trans(k), PRECISION) * scale
         s = tl.where(row_ok[:, None] & (offs_n[None, :] <= pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

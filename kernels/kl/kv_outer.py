@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..attention.triton_common import block_key_rows, build_kv_units, query_key_rows
-from ..triton_utils import dot_precision, pow2_at_least_16
+from ..triton_utils import dot, dot_precision, pow2_at_least_16
 from ..tuning import KLTuning
 from .common import check_kernel_limits, kv_key_tile, kv_step_rows, kv_unit, norm, strides, teacher_student_tile
 
@@ -40,7 +40,7 @@ def _kl_kv_student_max_kernel(
         q_rows, ok, qk_rows = kv_step_rows(TOKENS, QK_ROWS, e0, end, TM)
         qi = tl.load(QI + q_rows[:, None] * stride_qit + r * stride_qih + offs_e[None, :],
                      mask=ok[:, None] & e_ok[None, :], other=0.0)
-        t = tl.dot(qi, tl.trans(ki), input_precision=PRECISION) * iscale
+        t = dot(qi, tl.trans(ki), PRECISION) * iscale
         mask = ok[:, None] & k_ok[None, :] & (k_rows[None, :] <= qk_rows[:, None])
         mx = tl.max(tl.where(mask, t, float("-inf")), 1)
         tl.atomic_max(MX + r * stride_st + q_rows, mx, mask=ok & (mx > float("-inf")))
@@ -97,8 +97,8 @@ def _kl_kv_bwd_kernel(
         lse_t = tl.load(LSES + r * stride_st + q_rows, mask=ok, other=0.0)
         psum = tl.load(PSUM + r * stride_st + q_rows, mask=ok, other=0.0)
         ds = (tl.exp(t - lse_t[:, None]) * psum[:, None] - p).to(qi.dtype)  # [TM, BKP]
-        dk += tl.dot(tl.trans(ds), qi, input_precision=PRECISION)
-        dq = tl.dot(ds, ki, input_precision=PRECISION) * iscale  # [TM, DIP]
+        dk += dot(tl.trans(ds), qi, PRECISION)
+        dq = dot(ds, ki, PRECISION) * iscale  # [TM, DIP]
         tl.atomic_add(DQ + q_rows[:, None] * stride_dqt + r * stride_dqh + offs_e[None, :], dq,
                       mask=ok[:, None] & e_ok[None, :])
     tl.atomic_add(DK + k_rows[:, None] * stride_dkt + offs_e[None, :], dk * iscale,

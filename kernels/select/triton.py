@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .._triton_compat import ensure_interpreter_compat
-from ..triton_utils import dot_precision, frag_table, pow2_at_least_16, query_tile_table
+from ..triton_utils import dot, dot_precision, frag_table, pow2_at_least_16, query_tile_table
 from ..tuning import SelectTuning, interpret_tiles, select_tuning
 
 __all__ = ["select_blocks_triton"]
@@ -98,7 +98,7 @@ def _select_blocks_kernel(
         k_rows = b * BK + offs_n  # [BKP] row inside the key sequence
         k_ptrs = KI + (k_start + k_rows)[:, None] * stride_kt + offs_d[None, :]
         k = tl.load(k_ptrs, mask=(n_ok & (k_rows < k_len))[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [M, BKP] fp32
+        s = dot(q, tl.trans(k), PRECISION)  # [M, BKP] fp32
         if BKP != BK:
             s = tl.where(n_ok[None, :], s, float("-inf"))
         m = tl.max(s, 1) * scale  # [M] block max logit
