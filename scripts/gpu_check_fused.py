@@ -7,7 +7,7 @@
 2. At 32K tokens, "mix" selection (kernels/bench.py), for 64/8 and 16/4 heads (d = Di = 128, block
    128, top-16): the unfused ops (sparse fwd + bwd, then indexer_kl fwd + bwd) against the fused node
    with the backward's key tile at 128 (default) and 64 rows, same run, CUDA-event medians.
-Results go to kernels/BENCHMARKS_index.md by hand, with the card name printed here.
+Results go to kernels/BENCHMARKS.md by hand, with the card name printed here.
 """
 from __future__ import annotations
 

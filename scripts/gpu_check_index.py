@@ -4,7 +4,7 @@ One device call: `PYTHONUNBUFFERED=1 python scripts/gpu_check_index.py --out $OU
 the float32 PyTorch reference on upcast inputs (bf16 kernels, fp32 accumulation); the timing section
 compares select_blocks with torch.topk over the materialized block scores and times the KL ops.
 Writes <out>/index_check.log (everything) and <out>/index_results.md (the table for
-kernels/BENCHMARKS_index.md). Exits non-zero if any parity check fails: timings of a failing op are
+kernels/BENCHMARKS.md). Exits non-zero if any parity check fails: timings of a failing op are
 not reported as results.
 """
 from __future__ import annotations

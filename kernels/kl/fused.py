@@ -8,7 +8,8 @@ the query gradient, eagerly, over union tiles) is union.py's: msa_kernels.kl.uni
 
 The KV pass computes the student once per token of a step (not per (token, head) row), so fusion
 pays off for every group size. Measured on H100 at 32K: the whole layer 1.10x faster at 16/4 heads,
-1.13x at 64/8, 1.03x at 64/4 than the two separate ops (docs/experiments/kernels_history.md).
+1.13x at 64/8, 1.03x at 64/4 than the two separate ops
+(docs/experiments/2026-11-26_index_branch_kernels.md, item 13).
 Fusion needs the union-tile KL forward: selections whose tile unions blow up (near-random) keep the
 unfused all-KV-outer KL, as ``indexer_kl_triton`` decides. Results equal the two separate ops up to
 float summation order (tests/kernels/test_fused_kl_triton.py).
