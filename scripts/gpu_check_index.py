@@ -284,7 +284,7 @@ def time_kl(t_len, hq, hkv, d, di, bs, topk, dev, pattern, deterministic=False, 
 
 def sweep_kl(dev):
     base = kl_tuning()
-    for upd in (dict(), dict(union_max_waste=0.0), dict(union_max_waste=0.0, kv_bwd_warps=4)):
+    for upd in (dict(), dict(qtile_tm=32), dict(union_max_waste=0.0), dict(union_max_waste=0.0, kv_bwd_warps=4)):
         try:
             time_kl(32768, 64, 8, 128, 128, 128, 16, dev, "realistic", tuning=dataclasses.replace(base, **upd))
             log(f"  ^ kl sweep cfg {upd or 'default'}")
