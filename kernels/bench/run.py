@@ -406,6 +406,47 @@ def markdown(card: str, rows: List[Row], dense: Dict[str, Dict[str, float]], com
     return "\n".join(lines)
 
 
+def targets(rows: List[Row]) -> List[dict]:
+    """The layer targets, evaluated on the measured rows (single sequences at 32K / 128K):
+    layer >= 3x / 10x dense cuDNN on structured and recorded selections, >= 2.2x / 8x on random;
+    attention faster than Flex computing the same op and within 1.3x of Flex's query-tile
+    approximation; KL <= 25% and select <= 10% of the layer; 128K layer peak <= 20 GiB at 64/4."""
+    out = []
+    for r in rows:
+        t = {"32K": 32768, "128K": 131072}.get(r.case)
+        if t is None:
+            continue
+        kind = r.family.split(":")[0]
+        need = {"random": (2.2, 8.0)}.get(kind, (3.0, 10.0))[0 if t == 32768 else 1]
+        where = f"{r.heads} {r.case} {r.family}"
+
+        def add(name, value, goal, ok):
+            out.append({"where": where, "target": name, "measured": value, "goal": goal, "met": bool(ok)})
+
+        if "cudnn" in r.vs:
+            add("layer vs dense cuDNN", f"{r.vs['cudnn']:.2f}x", f">= {need:g}x", r.vs["cudnn"] >= need)
+        if "flex_exact" in r.ms:
+            add("attention vs Flex, same exact op", f"{r.ms['attention']:.1f} vs {r.ms['flex_exact']:.1f} ms",
+                "faster", r.ms["attention"] < r.ms["flex_exact"])
+        if "flex_approx" in r.ms:
+            ratio = r.ms["attention"] / r.ms["flex_approx"]
+            add("attention vs Flex, same budget", f"{ratio:.2f}x its time", "<= 1.3x", ratio <= 1.3)
+        add("KL share of the layer", f"{100 * r.share['kl']:.0f}%", "<= 25%", r.share["kl"] <= 0.25)
+        add("select share of the layer", f"{100 * r.share['select']:.0f}%", "<= 10%", r.share["select"] <= 0.10)
+        if t == 131072 and r.heads == "64/4" and r.peak_gib is not None:
+            add("layer peak memory", f"{r.peak_gib:.1f} GiB", "<= 20 GiB", r.peak_gib <= 20.0)
+    return out
+
+
+def targets_markdown(items: List[dict]) -> str:
+    if not items:
+        return ""
+    lines = ["### Targets", "", "| where | target | measured | goal | met |", "|---|---|---|---|---|"]
+    lines += [f"| {i['where']} | {i['target']} | {i['measured']} | {i['goal']} | {'yes' if i['met'] else 'NO'} |"
+              for i in items]
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- main
 
 def _write(out_dir: str, result: dict, rows: List[Row], card: str, command: str, budget: Budget) -> str:
@@ -413,8 +454,9 @@ def _write(out_dir: str, result: dict, rows: List[Row], card: str, command: str,
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)
+    result["targets"] = targets(rows)
     md = markdown(card, rows, result["dense"], command)
-    md = f"Parity (same run): {json.dumps(result['parity'])}\n\n" + md
+    md = f"Parity (same run): {json.dumps(result['parity'])}\n\n" + md + "\n" + targets_markdown(result["targets"])
     if result["skipped"]:
         md += "\nSkipped (time budget or memory): " + "; ".join(result["skipped"]) + "\n"
     if result["errors"]:

@@ -192,3 +192,23 @@ def test_one_cp_share_measurement_on_the_reference():
     case = run.cp_case(pack, cp=4, chunk=128)
     row = run.measure(run.Shape(4, 2, 16, 16, 16, 4), case, Family("random"), "cpu", budget_ms=1.0)
     assert row.tokens_q == 512 and row.tokens_k > 512 and row.ms["layer"] > 0
+
+
+def test_targets_are_judged_per_selection_kind():
+    def row(case, family, layer, cudnn, **kw):
+        r = run.Row("64/4", case, family, 1, 1, ms={"select": 1.0, "attention": 10.0, "layer": layer, **kw},
+                    share={"select": 1.0 / layer, "kl": (layer - 11.0) / layer}, vs={"cudnn": cudnn / layer},
+                    peak_gib=12.0)
+        return r
+
+    got = run.targets([row("32K", "random", 40.0, 100.0, flex_exact=30.0, flex_approx=9.0),
+                       row("128K", "smooth:256:0.5", 100.0, 900.0), row("8K", "random", 5.0, 10.0)])
+    by = {(g["where"], g["target"]): g["met"] for g in got}
+    assert by[("64/4 32K random", "layer vs dense cuDNN")]  # 2.5x >= 2.2x on random
+    assert not by[("64/4 128K smooth:256:0.5", "layer vs dense cuDNN")]  # 9x < 10x on structured
+    assert by[("64/4 32K random", "attention vs Flex, same exact op")]
+    assert by[("64/4 32K random", "attention vs Flex, same budget")]  # 10 / 9 = 1.11x
+    assert not by[("64/4 32K random", "KL share of the layer")]  # 29 / 40
+    assert by[("64/4 128K smooth:256:0.5", "layer peak memory")]
+    assert all(g["where"].split()[1] != "8K" for g in got)  # only the 32K and 128K targets
+    assert "| NO |" in run.targets_markdown(got)
