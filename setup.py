@@ -9,4 +9,5 @@ kernel_pkgs = ["msa_kernels" + p[len("kernels"):] for p in find_packages(include
 setup(
     packages=find_packages(include=["msa_train", "msa_train.*"]) + kernel_pkgs,
     package_dir={"msa_kernels": "kernels"},
+    package_data={"msa_kernels.bench": ["data/*.json", "data/*.pt"]},  # bench workloads and recorded sample
 )

@@ -1,6 +1,7 @@
 """msa_kernels: MiniMax Sparse Attention operators (exact PyTorch reference + Hopper Triton kernels).
 
-Semantics: shared/docs/MSA_SPEC.md. Layout: packed varlen, fragments delimited by ``cu_seqlens``
+Semantics and the public API's contract: docs/ARCHITECTURE.md ("msa_kernels public API"); kernel
+design and measured speed: kernels/BENCHMARKS.md. Layout: packed varlen, fragments delimited by ``cu_seqlens``
 (int32 [F+1]); optional ``key_starts`` / ``key_lens`` (int32 [F]) place each fragment's queries at the
 END of a key sequence that starts at row ``key_starts[f]`` of k / v / k_idx (bottom-right causal
 alignment; context parallelism). See :mod:`msa_kernels.layout`. GQA: query head h belongs to group
@@ -28,9 +29,12 @@ sparse_attention_and_kl(q, k, v, topk_idx, q_idx, k_idx, cu_seqlens, block_size=
 Backend dispatch
 ----------------
 ``MSA_KERNELS_BACKEND`` = ``auto`` (default) | ``reference`` | ``triton``.
-auto: CUDA tensors -> Triton; CPU tensors, Triton not installed, or a Triton module not written yet
-(one-time warning) -> the reference. ``triton`` forces Triton even on CPU tensors (for
-``TRITON_INTERPRET=1`` tests) and raises if it is unavailable. ``reference`` always runs the reference.
+auto: CUDA tensors -> Triton, CPU tensors -> the reference. On CUDA the slow reference never runs
+silently: without Triton installed, auto warns once, loudly (RuntimeWarning and the log), and runs
+the reference; a Triton kernel module or entry point that is missing or fails to import raises.
+``triton`` forces Triton even on CPU tensors (for ``TRITON_INTERPRET=1`` tests) and raises if it is
+unavailable. ``reference`` always runs the reference (set it to silence the warning on purpose).
+Tile choices: msa_kernels.tuning (one frozen dataclass per kernel family, passed explicitly).
 
 Contract for the Triton modules (imported lazily; implement exactly these signatures)
 ------------------------------------------------------------------------------------
@@ -66,6 +70,7 @@ msa_kernels.kl.triton.indexer_kl_dense_triton(
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import warnings
 import weakref
@@ -103,29 +108,39 @@ def _backend_choice() -> str:
 def backend_for(t: torch.Tensor) -> str:
     """'triton' or 'reference' for an op whose inputs live where ``t`` lives (see module docstring)."""
     choice = _backend_choice()
-    if choice == "auto":
-        return "triton" if t.is_cuda and _triton_available() else "reference"
-    return choice
+    if choice != "auto":
+        return choice
+    if not t.is_cuda:
+        return "reference"
+    if _triton_available():
+        return "triton"
+    _warn_once("no-triton", "msa_kernels: Triton is not installed, so MSA runs the PyTorch reference on CUDA, "
+                            "many times slower than the kernels. Install triton (pip install triton), or set "
+                            "MSA_KERNELS_BACKEND=reference to choose the reference on purpose.")
+    return "reference"
 
 
-def _load_triton(module: str, fn: str, *, forced: bool):
-    """Return the Triton entry point, or None (after a one-time warning) if it is not written yet."""
+def _warn_once(key: str, message: str) -> None:
+    if key in _warned:
+        return
+    _warned.add(key)
+    logging.getLogger(__name__).warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _load_triton(module: str, fn: str):
+    """The Triton entry point ``msa_kernels.<module>.<fn>``; a missing or broken one raises (no fallback
+    to the reference: on CUDA that would be silently many times slower)."""
     full = f"{__name__}.{module}"
     try:
         mod = importlib.import_module(full)
-    except ModuleNotFoundError as e:
-        # Only a missing kernel module falls back; a broken one (bad import inside) must stay loud.
-        if forced or e.name not in (full, "triton"):
-            raise
-        mod = None
-    impl = getattr(mod, fn, None) if mod is not None else None
+    except ImportError as e:
+        raise ImportError(f"msa_kernels: the Triton kernel module {full} failed to import ({e}); fix the "
+                          f"installation, or set MSA_KERNELS_BACKEND=reference to run the slow PyTorch "
+                          f"reference") from e
+    impl = getattr(mod, fn, None)
     if impl is None:
-        if forced:
-            raise ImportError(f"MSA_KERNELS_BACKEND=triton but {full}.{fn} does not exist")
-        if fn not in _warned:
-            _warned.add(fn)
-            warnings.warn(f"{full}.{fn} is not available; running the (slow) PyTorch reference on CUDA",
-                          RuntimeWarning, stacklevel=3)
+        raise ImportError(f"msa_kernels: {full} has no {fn}; the installed msa_kernels is incomplete")
     return impl
 
 
@@ -133,11 +148,10 @@ def _dispatch(anchor: torch.Tensor, module: str, fn: str):
     """The Triton entry point to run, or None for the reference."""
     if backend_for(anchor) == "reference":
         return None
-    forced = _backend_choice() == "triton"
     if not anchor.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise RuntimeError("MSA_KERNELS_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 (set before "
                            "importing triton); unset MSA_KERNELS_BACKEND to run the reference")
-    return _load_triton(module, fn, forced=forced)
+    return _load_triton(module, fn)
 
 
 def _scale(value: Optional[float], dim: int, name: str) -> float:

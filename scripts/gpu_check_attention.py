@@ -169,11 +169,11 @@ def main():
         if not args.skip_variants:
             variants(args, args.out, logf)
         if args.bench:
-            cmd = [sys.executable, "-m", "msa_kernels.bench", "--json", os.path.join(args.out, "bench.json")]
-            cmd += args.bench_args.split()
-            with open(os.path.join(args.out, "bench.md"), "w") as f:
+            # The bench writes bench.json and bench.md into --out itself; its log goes to bench.log.
+            cmd = [sys.executable, "-m", "msa_kernels.bench", "--out", args.out] + args.bench_args.split()
+            with open(os.path.join(args.out, "bench.log"), "w") as f:
                 rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
-            print(open(os.path.join(args.out, "bench.md")).read(), flush=True)
+            print(open(os.path.join(args.out, "bench.log")).read(), flush=True)
             ok = ok and rc == 0
     sys.exit(0 if ok else 1)
 

@@ -7,11 +7,12 @@
 2. At 32K tokens, "mix" selection (kernels/bench.py), for 64/8 and 16/4 heads (d = Di = 128, block
    128, top-16): the unfused ops (sparse fwd + bwd, then indexer_kl fwd + bwd) against the fused node
    with the backward's key tile at 128 (default) and 64 rows, same run, CUDA-event medians.
-Results go to kernels/BENCHMARKS_index.md by hand, with the card name printed here.
+Results go to kernels/BENCHMARKS.md by hand, with the card name printed here.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -26,6 +27,7 @@ def timings(hq: int, hkv: int, t: int) -> dict:
     import msa_kernels as mk
     from msa_kernels.bench import make_pattern, time_ms
     from msa_kernels.kl import fused
+    from msa_kernels.tuning import bwd_config
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(7)
@@ -49,17 +51,17 @@ def timings(hq: int, hkv: int, t: int) -> dict:
         torch.autograd.backward([out, kl], [go, torch.ones_like(kl)], inputs=list(xs))
 
     res = {"heads": f"{hq}/{hkv}", "T": t, "unfused_ms": time_ms(unfused, budget_ms=400)}
-    base = fused.bwd_config
+    lay = mk.make_layout(cu, total_keys=t)
     for bn in (128, 64):
-        def cfg(dim, group, block_size, interp=False, _bn=bn):
-            c = base(dim, group, block_size, interp)
-            c.block_n = min(_bn, block_size)
-            return c
-        fused.bwd_config = cfg
-        try:
-            res[f"fused_bn{bn}_ms"] = time_ms(fused_step, budget_ms=400)
-        finally:
-            fused.bwd_config = base
+        bcfg = dataclasses.replace(bwd_config(128, hq // hkv, 128), block_n=bn)
+
+        def swept():
+            out, _, kl = fused.sparse_attention_kl_triton(q, k, v, sel, qi, ki, lay, block_size=128,
+                                                          scale=128 ** -0.5, index_scale=128 ** -0.5,
+                                                          check_ids=False, bwd_cfg=bcfg)
+            torch.autograd.backward([out, kl], [go, torch.ones_like(kl)], inputs=list(xs))
+        res[f"fused_bn{bn}_ms"] = time_ms(swept, budget_ms=400)
+    res["fused_default_ms"] = time_ms(fused_step, budget_ms=400)
     res["node"] = node[0] if node else None
     return res
 

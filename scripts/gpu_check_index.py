@@ -4,12 +4,13 @@ One device call: `PYTHONUNBUFFERED=1 python scripts/gpu_check_index.py --out $OU
 the float32 PyTorch reference on upcast inputs (bf16 kernels, fp32 accumulation); the timing section
 compares select_blocks with torch.topk over the materialized block scores and times the KL ops.
 Writes <out>/index_check.log (everything) and <out>/index_results.md (the table for
-kernels/BENCHMARKS_index.md). Exits non-zero if any parity check fails: timings of a failing op are
+kernels/BENCHMARKS.md). Exits non-zero if any parity check fails: timings of a failing op are
 not reported as results.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ from msa_kernels.kl.triton import indexer_kl_dense_triton, indexer_kl_triton
 from msa_kernels.layout import make_layout
 from msa_kernels.select.naive import block_scores_ref, select_blocks_ref
 from msa_kernels.select.triton import select_blocks_triton
+from msa_kernels.tuning import kl_tuning, select_tuning
 
 LOG = []
 RESULTS = []
@@ -194,10 +196,12 @@ def sweep_select(t_len, hkv, di, bs, topk, dev):
     qi = torch.randn(t, hkv, di, device=dev, dtype=torch.bfloat16)
     ki = torch.randn(t, di, device=dev, dtype=torch.bfloat16)
     flops = 2 * di * hkv * causal_pairs([t_len])
-    for cfg in (None, dict(score_only=True), dict(lazy_insert=True), dict(num_stages=3),
-                dict(num_stages=1), dict(block_m=64, num_warps=4), dict(block_m=64, num_warps=4, num_stages=3)):
+    base = select_tuning()
+    for cfg in (None, dict(num_stages=3), dict(num_stages=1), dict(block_m=64, num_warps=4),
+                dict(block_m=64, num_warps=4, num_stages=3)):
+        tuning = dataclasses.replace(base, **(cfg or {}))
         ms = bench(lambda: select_blocks_triton(qi, ki, lay, block_size=bs, topk=topk,
-                                                index_scale=di ** -0.5, _config=cfg))
+                                                index_scale=di ** -0.5, tuning=tuning))
         log(f"select sweep T={t} Hkv={hkv} cfg={cfg or 'default'}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s")
 
 
@@ -233,20 +237,17 @@ def time_select(t_len, hkv, di, bs, topk, dev):
     qi = torch.randn(t, hkv, di, device=dev, dtype=torch.bfloat16)
     ki = torch.randn(t, di, device=dev, dtype=torch.bfloat16)
     ms = bench(lambda: select_blocks_triton(qi, ki, lay, block_size=bs, topk=topk, index_scale=di ** -0.5))
-    ms_score = bench(lambda: select_blocks_triton(qi, ki, lay, block_size=bs, topk=topk, index_scale=di ** -0.5,
-                                                  _config=dict(score_only=True)))
     flops = 2 * di * hkv * causal_pairs(lens)
     ms_topk, ms_full = _topk_baseline(qi, ki, t, hkv, bs, topk)
     torch.cuda.empty_cache()
     RESULTS.append(
         f"| select_blocks | {t // 1024}K | {hkv} | {di} | {bs} | {topk} | {ms:.3f} | {flops / ms / 1e9:.0f} "
         f"| torch.topk only {ms_topk:.3f} ms; einsum+blockmax+topk {ms_full:.3f} ms | "
-        f"{ms_topk / ms:.2f}x / {ms_full / ms:.2f}x; fused top-k share {ms - ms_score:.3f} ms "
-        f"(score-only kernel {ms_score:.3f} ms) = {ms_topk / max(ms - ms_score, 1e-3):.1f}x faster than torch.topk |")
+        f"{ms_topk / ms:.2f}x / {ms_full / ms:.2f}x |")
     log(RESULTS[-1])
 
 
-def time_kl(t_len, hq, hkv, d, di, bs, topk, dev, pattern, deterministic=False):
+def time_kl(t_len, hq, hkv, d, di, bs, topk, dev, pattern, deterministic=False, tuning=None):
     lens = [t_len]
     cu, lay, t = packed(lens, dev)
     q = torch.randn(t, hq, d, device=dev, dtype=torch.bfloat16)
@@ -265,11 +266,11 @@ def time_kl(t_len, hq, hkv, d, di, bs, topk, dev, pattern, deterministic=False):
     def fwd():
         with torch.no_grad():
             return indexer_kl_triton(q, k, lse, qi, ki, idx, lay, block_size=bs, scale=d ** -0.5,
-                                     index_scale=di ** -0.5, deterministic=deterministic)
+                                     index_scale=di ** -0.5, deterministic=deterministic, tuning=tuning)
 
     def fwd_bwd():
         out = indexer_kl_triton(q, k, lse, qi, ki, idx, lay, block_size=bs, scale=d ** -0.5,
-                                index_scale=di ** -0.5, deterministic=deterministic)
+                                index_scale=di ** -0.5, deterministic=deterministic, tuning=tuning)
         torch.autograd.grad(out, [qi, ki])
 
     ms_f = bench(fwd, reps=10)
@@ -282,23 +283,13 @@ def time_kl(t_len, hq, hkv, d, di, bs, topk, dev, pattern, deterministic=False):
 
 
 def sweep_kl(dev):
-    import msa_kernels.kl.triton as klt
-    base = dict(klt.CONFIG)
-    for upd in (dict(), dict(union_max_waste=0.0), dict(union_max_waste=0.0, kv_bwd_warps=4)):
-        klt.CONFIG.clear(); klt.CONFIG.update(base); klt.CONFIG.update(upd)
+    base = kl_tuning()
+    for upd in (dict(), dict(qtile_tm=32), dict(union_max_waste=0.0), dict(union_max_waste=0.0, kv_bwd_warps=4)):
         try:
-            time_kl(32768, 64, 8, 128, 128, 128, 16, dev, "realistic")
+            time_kl(32768, 64, 8, 128, 128, 128, 16, dev, "realistic", tuning=dataclasses.replace(base, **upd))
             log(f"  ^ kl sweep cfg {upd or 'default'}")
         except Exception as e:  # a config that does not compile (shared memory) is skipped
             log(f"kl sweep cfg {upd}: failed {type(e).__name__}: {str(e)[:200]}")
-    for upd in ():
-        klt.CONFIG.clear(); klt.CONFIG.update(base); klt.CONFIG.update(upd)
-        try:
-            time_kl_dense(8192, 64, 8, 128, 128, dev)
-            log(f"  ^ dense sweep cfg {upd or 'default'}")
-        except Exception as e:
-            log(f"dense sweep cfg {upd}: failed {type(e).__name__}: {str(e)[:200]}")
-    klt.CONFIG.clear(); klt.CONFIG.update(base)
 
 
 def time_kl_dense(t_len, hq, hkv, d, di, dev):
@@ -324,7 +315,7 @@ def profile_kl(dev, t_len=32768, hq=64, hkv=8, bs=128, topk=16):
     """Per-kernel CUDA time of one KL fwd+bwd (atomic mode) and of the schedule build."""
     from torch.profiler import ProfilerActivity, profile
 
-    from msa_kernels.kl import triton as klt
+    from msa_kernels.kl import dense, kv_outer, union
     cu, lay, t = packed([t_len], dev)
     q = torch.randn(t, hq, 128, device=dev, dtype=torch.bfloat16)
     k = torch.randn(t, hkv, 128, device=dev, dtype=torch.bfloat16)
@@ -332,7 +323,7 @@ def profile_kl(dev, t_len=32768, hq=64, hkv=8, bs=128, topk=16):
     ki = torch.randn(t, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
     lse = torch.randn(t, hq, device=dev) + 8.0
     idx = realistic_topk(lay, hkv, bs, topk, dev)
-    ms_units = bench(lambda: klt._kv_units(idx, lay, bs, klt.CONFIG["kv_chunk"]), reps=5)
+    ms_units = bench(lambda: kv_outer.kv_units(idx, lay, bs, kl_tuning().kv_chunk), reps=5)
     log(f"profile: KV schedule build (block_key_rows + build_kv_units + query_key_rows) {ms_units:.2f} ms")
 
     def step():
@@ -347,8 +338,8 @@ def profile_kl(dev, t_len=32768, hq=64, hkv=8, bs=128, topk=16):
         torch.cuda.synchronize()
     log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60))
     from msa_kernels.select import triton as selt
-    for fn in (klt._kl_kv_student_max_kernel, klt._kl_kv_fwd_kernel, klt._kl_kv_bwd_kernel,
-               klt._kl_sparse_fwd_kernel, klt._kl_dense_fwd_kernel, klt._kl_dense_dk_kernel,
+    for fn in (kv_outer._kl_kv_student_max_kernel, kv_outer._kl_kv_fwd_kernel, kv_outer._kl_kv_bwd_kernel,
+               union._kl_sparse_fwd_kernel, dense._kl_dense_fwd_kernel, dense._kl_dense_dk_kernel,
                selt._select_blocks_kernel):
         for cache in fn.device_caches.values():
             for kern in cache[0].values():

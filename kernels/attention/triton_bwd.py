@@ -17,8 +17,9 @@ Backward plan:
    one MMA of Di), the teacher's head sum from the bf16 P^T tile of the dV product times a 0/1
    [M, 16] token-selection matrix (one MMA), and dk_idx += dS_kl^T q_idx with
    dS_kl = Q * psum - mean_g p (student LSE and teacher mass from the KL forward). Student work runs
-   once per token, not per head row, so this pays off for every group size (BENCHMARKS_index.md,
-   item 13) and saves the separate KL key pass that recomputed the teacher.
+   once per token, not per head row, so this pays off for every group size
+   (docs/experiments/2026-11-26_index_branch_kernels.md, item 13) and saves the separate KL key
+   pass that recomputed the teacher.
 """
 from __future__ import annotations
 
@@ -96,7 +97,8 @@ def _sparse_bwd_kv_kernel(
         dki = tl.zeros([BLOCK_N, DI], dtype=tl.float32)
         tcol = tl.arange(0, TMK)  # token slots of a step, padded to an MMA width
         # [M, TMK] 0/1: column i sums the head rows of token slot i (P^T @ sel = G x head mean).
-        sel = ((tm[:, None] == tcol[None, :]) & (g < G)[:, None]).to(Q.dtype.element_ty)
+        # via fp32: the CPU interpreter casts bool -> bf16 as raw bits (1 -> 9e-41)
+        sel = ((tm[:, None] == tcol[None, :]) & (g < G)[:, None]).to(tl.float32).to(Q.dtype.element_ty)
     for start in range(begin, end, TM):
         idx = start + tm
         tok = tl.load(TOKENS + idx, mask=idx < end, other=-1)  # -1: padding / repeated pick

@@ -27,6 +27,8 @@ import triton.language as tl
 
 from .._triton_compat import ensure_interpreter_compat, fp32_products, interpreting  # noqa: F401 (re-exported)
 from ..layout import VarlenLayout
+from ..triton_utils import next_pow2
+from ..tuning import BwdConfig, FwdConfig, bwd_config, fwd_config  # noqa: F401 (re-exported)
 
 __all__ = ["QTileSchedule", "KVUnitSchedule", "query_key_rows", "block_key_rows",
            "build_q_tiles", "build_kv_units", "next_pow2",
@@ -34,10 +36,6 @@ __all__ = ["QTileSchedule", "KVUnitSchedule", "query_key_rows", "block_key_rows"
            "interpreting", "mma", "dot_mode"]
 
 LOG2E = 1.4426950408889634
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def query_key_rows(layout: VarlenLayout) -> torch.Tensor:
@@ -180,29 +178,6 @@ def build_kv_units(blk_rows: torch.Tensor, chunk: int, num_rows: int, max_blocks
         unit_end=end.to(torch.int32).contiguous())
 
 
-class FwdConfig:
-    """Tile shape of the forward / Q-outer kernels: rows = tokens_per_tile x padded group size."""
-
-    def __init__(self, block_m: int, block_n: int, num_warps: int, num_stages: int):
-        self.block_m, self.block_n, self.num_warps, self.num_stages = block_m, block_n, num_warps, num_stages
-
-    def tokens_per_tile(self, group: int) -> int:
-        return max(1, min(32, self.block_m // next_pow2(group)))
-
-    def __repr__(self) -> str:
-        return (f"FwdConfig(block_m={self.block_m}, block_n={self.block_n}, "
-                f"num_warps={self.num_warps}, num_stages={self.num_stages})")
-
-
-def fwd_config(head_dim: int, group: int, block_size: int, interpret: bool = False) -> FwdConfig:
-    """Default tile shape (H200 sweep in kernels/BENCHMARKS.md). M = 64 rows (8 tokens x 8 heads, 4 x 16)
-    ran as fast as 128 rows on local/shared patterns and keeps the union of a tile small when
-    neighbouring tokens pick different blocks."""
-    if interpret:
-        return FwdConfig(block_m=max(16, next_pow2(group)), block_n=min(block_size, 32), num_warps=4, num_stages=1)
-    return FwdConfig(block_m=max(64, next_pow2(group)), block_n=min(block_size, 64), num_warps=4, num_stages=3)
-
-
 def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> tuple:
     """Validate the kernel-specific limits and return (T, Hq, Hkv, D, G)."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
@@ -228,43 +203,6 @@ def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: 
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
-
-
-class BwdConfig:
-    """Backward tiles. KV-outer pass: BLOCK_N key rows x (tokens x padded group) query rows, at most
-    ``chunk`` queries per unit. dQ: ``dq_mode`` "atomic" (fp32 atomics from the KV-outer pass),
-    "qouter" (a separate Q-outer pass over the forward's union tiles, no atomics) or "auto" (qouter
-    while the union tiles are dense: union blocks x tokens per tile / picks <= ``auto_ratio``)."""
-
-    def __init__(self, block_m: int, block_n: int, num_warps: int, num_stages: int, chunk: int,
-                 dq_mode: str = "auto", dq_block_n: int = 64, dq_num_warps: int = 4, dq_num_stages: int = 2,
-                 auto_ratio: float = 2.5):
-        if dq_mode not in ("auto", "atomic", "qouter"):
-            raise ValueError(f"dq_mode must be 'auto', 'atomic' or 'qouter', got {dq_mode!r}")
-        self.block_m, self.block_n = block_m, block_n
-        self.num_warps, self.num_stages, self.chunk = num_warps, num_stages, chunk
-        self.dq_mode, self.dq_block_n = dq_mode, dq_block_n
-        self.dq_num_warps, self.dq_num_stages, self.auto_ratio = dq_num_warps, dq_num_stages, auto_ratio
-
-    def tokens_per_step(self, group: int) -> int:
-        return max(1, self.block_m // next_pow2(group))
-
-    def __repr__(self) -> str:
-        return (f"BwdConfig(block_m={self.block_m}, block_n={self.block_n}, num_warps={self.num_warps}, "
-                f"num_stages={self.num_stages}, chunk={self.chunk}, dq_mode={self.dq_mode!r}, "
-                f"dq_block_n={self.dq_block_n}, dq_num_warps={self.dq_num_warps}, "
-                f"dq_num_stages={self.dq_num_stages})")
-
-
-def bwd_config(head_dim: int, group: int, block_size: int, interpret: bool = False) -> BwdConfig:
-    """Default backward tiles (H200 sweep in kernels/BENCHMARKS.md): the KV pass owns a whole 128-key
-    block with two warpgroups (dK, dV in registers) and steps over 64 query rows; chunk = 512
-    queries per unit bounds the tail of blocks picked by every query."""
-    if interpret:
-        return BwdConfig(block_m=max(16, next_pow2(group)), block_n=min(block_size, 32), num_warps=4,
-                         num_stages=1, chunk=64, dq_block_n=min(block_size, 32), dq_num_stages=1)
-    return BwdConfig(block_m=max(64, next_pow2(group)), block_n=min(block_size, 128), num_warps=8,
-                     num_stages=2, chunk=512, dq_block_n=min(block_size, 64))
 
 
 # mma operand modes (a constexpr): the operands' own precision, the interpreter's bf16 upcast, or

@@ -15,14 +15,17 @@ order; then the local block; then -1.
 """
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .._triton_compat import ensure_interpreter_compat, fp32_products
+from .._triton_compat import ensure_interpreter_compat
+from ..triton_utils import dot, dot_precision, frag_table, pow2_at_least_16, query_tile_table
+from ..tuning import SelectTuning, interpret_tiles, select_tuning
 
-__all__ = ["select_blocks_triton", "query_tile_table", "ensure_interpreter_compat"]
+__all__ = ["select_blocks_triton"]
 
 
 ensure_interpreter_compat()
@@ -50,8 +53,6 @@ def _select_blocks_kernel(
     TOPK: tl.constexpr,
     KPAD: tl.constexpr,
     PRECISION: tl.constexpr,
-    LAZY_INSERT: tl.constexpr,
-    SCORE_ONLY: tl.constexpr,
 ):
     tile = tl.program_id(0)
     r = tl.program_id(1).to(tl.int64)
@@ -97,34 +98,23 @@ def _select_blocks_kernel(
         k_rows = b * BK + offs_n  # [BKP] row inside the key sequence
         k_ptrs = KI + (k_start + k_rows)[:, None] * stride_kt + offs_d[None, :]
         k = tl.load(k_ptrs, mask=(n_ok & (k_rows < k_len))[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [M, BKP] fp32
+        s = dot(q, tl.trans(k), PRECISION)  # [M, BKP] fp32
         if BKP != BK:
             s = tl.where(n_ok[None, :], s, float("-inf"))
         m = tl.max(s, 1) * scale  # [M] block max logit
-        if SCORE_ONLY:
-            # Benchmark variant: GEMM + block max without the top-k (isolates the top-k's cost).
-            top_v = tl.maximum(top_v, m[:, None])
-        else:
-            forced = (b >= win_lo) & (LOCAL_WINDOW > 0)
-            if FORCE_SINK:
-                forced = forced | (b == 0)
-            cand = row_ok & (b < local) & (~forced)
-            # Evict the worst entry: lowest score, ties broken toward the higher block id.
-            min_v = tl.min(tl.where(slot_ok, top_v, float("inf")), 1)  # [M]
-            is_min = slot_ok & (top_v == min_v[:, None])
-            worst = tl.max(tl.where(is_min, top_i, -1), 1)  # [M]
-            # b exceeds every stored id, so an equal score loses the tie: strict comparison.
-            take = cand & (m > min_v)
-            if LAZY_INSERT:
-                # Once the list is warm few blocks enter it: skip the update when no row takes b.
-                if tl.max(take.to(tl.int32), 0) > 0:
-                    put = is_min & (top_i == worst[:, None]) & take[:, None]
-                    top_v = tl.where(put, m[:, None], top_v)
-                    top_i = tl.where(put, b, top_i)
-            else:
-                put = is_min & (top_i == worst[:, None]) & take[:, None]
-                top_v = tl.where(put, m[:, None], top_v)
-                top_i = tl.where(put, b, top_i)
+        forced = (b >= win_lo) & (LOCAL_WINDOW > 0)
+        if FORCE_SINK:
+            forced = forced | (b == 0)
+        cand = row_ok & (b < local) & (~forced)
+        # Evict the worst entry: lowest score, ties broken toward the higher block id.
+        min_v = tl.min(tl.where(slot_ok, top_v, float("inf")), 1)  # [M]
+        is_min = slot_ok & (top_v == min_v[:, None])
+        worst = tl.max(tl.where(is_min, top_i, -1), 1)  # [M]
+        # b exceeds every stored id, so an equal score loses the tie: strict comparison.
+        take = cand & (m > min_v)
+        put = is_min & (top_i == worst[:, None]) & take[:, None]
+        top_v = tl.where(put, m[:, None], top_v)
+        top_i = tl.where(put, b, top_i)
 
     out_base = OUT + r * stride_oh + (q_start + offs_m) * stride_ot  # [M] pointers
     for j in tl.static_range(TOPK):
@@ -144,50 +134,14 @@ def _select_blocks_kernel(
         tl.store(out_base + j, val.to(tl.int32), mask=row_ok)
 
 
-def _frag_tables(layout, device):
-    """int64 [F, 4] (q_start, q_len, k_start, k_len) on device, from the layout's host ints."""
-    rows = [[fr.q_start, fr.q_len, fr.k_start, fr.k_len] for fr in layout.fragments]
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 4).to(device)
-
-
-def query_tile_table(layout, block_m: int, device):
-    """(fragment, first query offset) of every BLOCK_M query tile, most expensive (latest) first.
-
-    Causal work grows with the query position, so launching the late tiles first shortens the tail.
-    """
-    tiles = [(fr.pos_offset + m0, fr.index, m0) for fr in layout.fragments
-             for m0 in range(0, fr.q_len, block_m)]
-    tiles.sort(key=lambda x: -x[0])
-    tf = torch.tensor([t[1] for t in tiles], dtype=torch.int32)
-    tm = torch.tensor([t[2] for t in tiles], dtype=torch.int32)
-    return tf.to(device), tm.to(device)
-
-
-def pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs multiply in fp32 (TF32 would also reorder top-k near-ties) unless torch's fp32
-    # matmuls may use TF32 (_triton_compat.fp32_products); bf16/fp16 operands ignore it.
-    if dtype == torch.float32 and fp32_products():
-        return "ieee"
-    return "tf32"
-
-
-# Tile / pipeline choice on Hopper (see kernels/BENCHMARKS_index.md for the measurements behind it).
-_DEFAULT_CONFIG = dict(block_m=128, num_warps=8, num_stages=2, lazy_insert=False, score_only=False)
-_INTERPRET_CONFIG = dict(block_m=64, num_warps=4, num_stages=1, lazy_insert=True, score_only=False)
-
-
 def select_blocks_triton(q_idx, k_idx, layout, *, block_size: int, topk: int, index_scale: float,
                          force_sink: bool = False, local_window: int = 0,
-                         _config: dict | None = None) -> torch.Tensor:
+                         tuning: Optional[SelectTuning] = None) -> torch.Tensor:
     """Per (query, index head) top-k key blocks; contract in msa_kernels.select_blocks.
 
     q_idx [T, Hkv, Di], k_idx [Tk, Di] -> int32 [Hkv, T, topk], -1 padded, local block in the last
-    valid slot; ranked slots sorted by score (desc, ties -> lower id). ``_config`` overrides the
-    tile choice (benchmarks only).
+    valid slot; ranked slots sorted by score (desc, ties -> lower id). ``tuning`` overrides the
+    default tiles (msa_kernels.tuning.select_tuning).
     """
     T, hkv, di = q_idx.shape
     if topk > 128:
@@ -203,11 +157,10 @@ def select_blocks_triton(q_idx, k_idx, layout, *, block_size: int, topk: int, in
     out = torch.empty((hkv, T, topk), dtype=torch.int32, device=q_idx.device)
     if T == 0 or hkv == 0:
         return out
-    cfg = dict(_DEFAULT_CONFIG if q_idx.is_cuda else _INTERPRET_CONFIG)
-    cfg.update(_config or {})
-    block_m = cfg["block_m"]
+    cfg = tuning or select_tuning(interpret_tiles(q_idx.device))
+    block_m = cfg.block_m
     tile_frag, tile_m0 = query_tile_table(layout, block_m, q_idx.device)
-    frag = _frag_tables(layout, q_idx.device)
+    frag = frag_table(layout, q_idx.device)
     kpad = max(2, triton.next_power_of_2(max(topk - 1, 1)))
     grid = (tile_frag.numel(), hkv)
     _select_blocks_kernel[grid](
@@ -216,8 +169,6 @@ def select_blocks_triton(q_idx, k_idx, layout, *, block_size: int, topk: int, in
         float(index_scale), int(local_window),
         FORCE_SINK=bool(force_sink), DI=di, DIP=pow2_at_least_16(di), BLOCK_M=block_m,
         BK=block_size, BKP=pow2_at_least_16(block_size), TOPK=topk, KPAD=kpad,
-        PRECISION=dot_precision(q_idx.dtype), LAZY_INSERT=cfg["lazy_insert"],
-        SCORE_ONLY=cfg["score_only"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PRECISION=dot_precision(q_idx.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

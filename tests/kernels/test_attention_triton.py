@@ -7,7 +7,7 @@ poisons every torch.empty allocation with NaN so an unwritten output cannot pass
 """
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import os
 
 import pytest
@@ -19,21 +19,11 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from msa_kernels.attention import naive  # noqa: E402
-from msa_kernels.attention import triton_bwd, triton_common, triton_fwd  # noqa: E402
+from msa_kernels.attention import triton_common, triton_fwd  # noqa: E402
 from msa_kernels.layout import make_layout  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreted_kernels():
-    """Kernels decorated before TRITON_INTERPRET was set (another module imported them first) are
-    compiled-GPU functions; re-decorate them under the interpreter for the CPU run."""
-    if not CUDA and not isinstance(triton_fwd._sparse_fwd_kernel, triton.runtime.interpreter.InterpretedFunction):
-        for mod in (triton_common, triton_bwd, triton_fwd):
-            importlib.reload(mod)
-    yield
 
 
 @pytest.fixture
@@ -289,7 +279,7 @@ def test_gpu_parity_other_configs(hq, hkv, dim, block, topk, dtype):
 
 def test_fp32_inputs_multiply_in_fp32_unless_tf32_is_allowed():
     """fp32 training must mean fp32 products (as in torch's own matmuls), TF32 only on opt-in."""
-    from msa_kernels.select.triton import dot_precision
+    from msa_kernels.triton_utils import dot_precision
 
     before = torch.get_float32_matmul_precision()
     try:
@@ -346,8 +336,7 @@ def test_dq_modes_match_reference(poison, mode):
     """Both dQ strategies of the non-deterministic backward (the default picks one per call)."""
     q, k, v, topk_idx, layout, gen = make_case([45, 26], 8, 2, 16, 16, 4, torch.float32, seed=17,
                                                force_block0=True)
-    cfg = triton_common.bwd_config(16, 4, 16, interpret=True)
-    cfg.dq_mode = mode
+    cfg = dataclasses.replace(triton_common.bwd_config(16, 4, 16, interpret=True), dq_mode=mode)
     go = torch.randn(q.shape, generator=gen)
     xs = [x.clone().requires_grad_() for x in (q, k, v)]
     out, _ = triton_fwd.sparse_attention_triton(*xs, topk_idx, layout, block_size=16, scale=0.25, bwd_cfg=cfg)

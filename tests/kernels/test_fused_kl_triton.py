@@ -9,7 +9,6 @@ modes, deterministic (bitwise reproducible) and atomic. GPU (@pytest.mark.gpu): 
 """
 from __future__ import annotations
 
-import importlib
 import math
 import os
 
@@ -22,28 +21,17 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 import msa_kernels  # noqa: E402
-from msa_kernels.attention import triton_bwd, triton_common, triton_fwd  # noqa: E402
+from msa_kernels.attention import triton_common, triton_fwd  # noqa: E402
 from msa_kernels.attention.naive import sparse_attention_ref  # noqa: E402
 from msa_kernels.kl import fused  # noqa: E402
-from msa_kernels.kl import triton as kl_triton  # noqa: E402
 from msa_kernels.kl.naive import indexer_kl_ref  # noqa: E402
 from msa_kernels.layout import make_layout  # noqa: E402
+from msa_kernels.tuning import kl_tuning  # noqa: E402
 
 from .reference_utils import cu_seqlens_of, poison_allocations, random_topk, zigzag_rank  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreted_kernels():
-    """Re-decorate the kernels under the interpreter if another module imported them compiled first."""
-    global fused
-    if not CUDA and not isinstance(triton_fwd._sparse_fwd_kernel, triton.runtime.interpreter.InterpretedFunction):
-        for mod in (triton_common, triton_bwd, triton_fwd, kl_triton):
-            importlib.reload(mod)
-        fused = importlib.reload(fused)
-    yield
 
 
 def _case(lens, hq, hkv, d, di, bs, topk, *, dtype=torch.float32, key_layout=None, p_empty=0.05, seed=None):
@@ -234,4 +222,4 @@ def test_fused_node_skips_the_dq_mode_sync_only_where_the_kl_test_implies_it():
     """The fused node takes the Q-outer dQ pass without dq_mode's host sync, because a union
     schedule that passes the KL's waste test also passes dq_mode's (looser) one."""
     cfg = triton_common.bwd_config(128, 4, 128)
-    assert kl_triton.CONFIG["union_max_waste"] <= cfg.auto_ratio
+    assert kl_tuning().union_max_waste <= cfg.auto_ratio

@@ -8,7 +8,7 @@ local block sometimes missing) and from select_blocks. GPU (@pytest.mark.gpu): 8
 """
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import os
 
 import pytest
@@ -25,22 +25,13 @@ from msa_kernels.kl import naive  # noqa: E402
 from msa_kernels.kl import triton as kl_triton  # noqa: E402
 from msa_kernels.layout import make_layout  # noqa: E402
 from msa_kernels.select import triton as sel_triton  # noqa: E402
+from msa_kernels.tuning import kl_tuning  # noqa: E402
 
 from .reference_utils import (brute_kl, brute_kl_dense, cu_seqlens_of, poison_allocations,  # noqa: E402
                               random_topk, selection_mask, zigzag_rank)
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreted_kernels():
-    """Re-decorate the kernels under the interpreter if another module imported them compiled first."""
-    global kl_triton, sel_triton
-    if not CUDA and not isinstance(kl_triton._kl_kv_fwd_kernel, triton.runtime.interpreter.InterpretedFunction):
-        sel_triton = importlib.reload(sel_triton)
-        kl_triton = importlib.reload(kl_triton)
-    yield
 
 
 def _gen():
@@ -84,14 +75,14 @@ def _close(a, b, tol, name):
     assert err < tol, f"{name}: relative error {err:.3e} >= {tol}"
 
 
-def _sparse(c, deterministic, reduction="mean", impl="triton"):
+def _sparse(c, deterministic, reduction="mean", impl="triton", tuning=None):
     def run(qi, ki):
         kw = dict(block_size=c["bs"], scale=c["q"].shape[-1] ** -0.5, index_scale=qi.shape[-1] ** -0.5,
                   reduction=reduction)
         if impl == "triton":
             with poison_allocations():
                 return kl_triton.indexer_kl_triton(c["q"], c["k"], c["lse"], qi, ki, c["topk_idx"], c["lay"],
-                                                   deterministic=deterministic, **kw)
+                                                   deterministic=deterministic, tuning=tuning, **kw)
         return naive.indexer_kl_ref(c["q"].float(), c["k"].float(), c["lse"], qi.float(), ki.float(),
                                     c["topk_idx"], c["lay"], **kw)
     return run
@@ -107,21 +98,23 @@ SPARSE_CASES = [
 ]
 
 
-@pytest.fixture
-def kl_path(request, monkeypatch):
-    """Route the sparse KL through one of its three paths: all-KV-outer atomics ("atomic"), union-tile
-    forward + atomic dk ("union"), or the deterministic union path ("deterministic")."""
-    cfg = kl_triton.CONFIG if CUDA else kl_triton.INTERPRET_CONFIG
-    monkeypatch.setitem(cfg, "union_max_waste", 1e9 if request.param == "union" else 0.0)
-    return request.param == "deterministic"
+def _path(name):
+    """(deterministic, tuning) routing the sparse KL through one of its three paths: all-KV-outer atomics
+    ("atomic"), union-tile forward + atomic dk ("union"), or the deterministic union path."""
+    base = kl_tuning(not CUDA)
+    waste = 1e9 if name == "union" else 0.0
+    return name == "deterministic", dataclasses.replace(base, union_max_waste=waste)
 
 
-@pytest.mark.parametrize("kl_path", ["atomic", "union", "deterministic"], indirect=True)
+KL_PATHS = ["atomic", "union", "deterministic"]
+
+
+@pytest.mark.parametrize("kl_path", KL_PATHS)
 @pytest.mark.parametrize("lens,hq,hkv,d,di,bs,topk", SPARSE_CASES)
 def test_indexer_kl_matches_reference(lens, hq, hkv, d, di, bs, topk, kl_path):
-    deterministic = kl_path
+    deterministic, tuning = _path(kl_path)
     c = _case(lens, hq, hkv, d, di, bs, topk)
-    got = _grads(_sparse(c, deterministic), c["q_idx"], c["k_idx"])
+    got = _grads(_sparse(c, deterministic, tuning=tuning), c["q_idx"], c["k_idx"])
     ref = _grads(_sparse(c, deterministic, impl="reference"), c["q_idx"], c["k_idx"])
     for name, a, b in zip(("kl", "dq_idx", "dk_idx"), got, ref):
         _close(a, b, 1e-5, name)
@@ -154,11 +147,13 @@ def test_indexer_kl_on_selected_blocks_with_large_logits():
         _close(a, b, 1e-5, name)
 
 
-@pytest.mark.parametrize("kl_path", ["atomic", "union", "deterministic"], indirect=True)
+@pytest.mark.parametrize("kl_path", KL_PATHS)
 def test_indexer_kl_fp16_inputs(kl_path):
+    deterministic, tuning = _path(kl_path)
     c = _case([60, 21], 4, 2, 32, 32, 16, 3, dtype=torch.float16)
-    got = _grads(_sparse(c, kl_path, reduction="sum"), c["q_idx"], c["k_idx"])
-    ref = _grads(_sparse(c, kl_path, reduction="sum", impl="reference"), c["q_idx"].float(), c["k_idx"].float())
+    got = _grads(_sparse(c, deterministic, reduction="sum", tuning=tuning), c["q_idx"], c["k_idx"])
+    ref = _grads(_sparse(c, deterministic, reduction="sum", impl="reference"), c["q_idx"].float(),
+                 c["k_idx"].float())
     for name, a, b in zip(("kl", "dq_idx", "dk_idx"), got, ref):
         _close(a, b, 1e-2, name)
 

@@ -135,11 +135,28 @@ def test_backend_env_and_missing_triton_module(monkeypatch):
         mk.backend_for(t)
     monkeypatch.setenv("MSA_KERNELS_BACKEND", "auto")
     assert mk.backend_for(t) == "reference"  # CPU tensors
-    # A kernel module that is not written yet: auto falls back once with a warning, forced raises.
-    with pytest.warns(RuntimeWarning, match="not available"):
-        assert mk._load_triton("select.not_written_yet", "fn_a", forced=False) is None
-    with pytest.raises(ModuleNotFoundError):
-        mk._load_triton("select.not_written_yet", "fn_b", forced=True)
+    # A missing kernel module or entry point never falls back to the slow reference: it raises.
+    with pytest.raises(ImportError, match="MSA_KERNELS_BACKEND=reference"):
+        mk._load_triton("select.not_written_yet", "fn_a")
+    with pytest.raises(ImportError, match="has no fn_b"):
+        mk._load_triton("layout", "fn_b")
+
+
+def test_cuda_without_triton_warns_once_loudly(monkeypatch, caplog):
+    """auto on CUDA tensors without Triton runs the reference, but never silently (and only once)."""
+    class FakeCuda:
+        is_cuda = True
+
+    monkeypatch.setenv("MSA_KERNELS_BACKEND", "auto")
+    monkeypatch.setattr(mk, "_triton_available", lambda: False)
+    monkeypatch.setattr(mk, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="Triton is not installed"):
+        assert mk.backend_for(FakeCuda()) == "reference"
+    assert any("MSA_KERNELS_BACKEND=reference" in r.getMessage() for r in caplog.records)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mk.backend_for(FakeCuda()) == "reference"  # the second call stays quiet
 
 
 # ----------------------------------------------------------------------------- select_blocks

@@ -8,7 +8,6 @@ NaN/garbage-poisoned allocations, inputs are fresh random draws.
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
@@ -29,15 +28,6 @@ from .reference_utils import (assert_same_selection, brute_select, cu_seqlens_of
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreted_kernels():
-    """Re-decorate the kernel under the interpreter if another module imported it compiled first."""
-    global sel_triton
-    if not CUDA and not isinstance(sel_triton._select_blocks_kernel, triton.runtime.interpreter.InterpretedFunction):
-        sel_triton = importlib.reload(sel_triton)
-    yield
 
 
 def _inputs(lens, hkv, di, dtype=torch.float32, scale=1.0, seed=None, device=DEV):
