@@ -199,11 +199,11 @@ def measure(cfg, runtime, variant: str, warmup: int, steps: int,
                 len(warm_times) < max_warmup and len(warm_times) >= 2
                 and abs(warm_times[-1] - warm_times[-2]) > settle * warm_times[-1]):
             result, dt = _timed(step, cuda)
-            losses.append(result.lm_loss)
+            losses.append(_loss_value(result))
             warm_times.append(dt)
         for _ in range(steps):
             result, dt = _timed(step, cuda)
-            losses.append(result.lm_loss)
+            losses.append(_loss_value(result))
             times.append(dt)
         seconds = sum(times)
         breakdown = _profile_step(step, profile_path, cuda) if profile_path else None
@@ -227,6 +227,11 @@ def measure(cfg, runtime, variant: str, warmup: int, steps: int,
 
 def _fmt(v, spec, none="-"):
     return none if v is None else format(v, spec)
+
+
+def _loss_value(result) -> Optional[float]:
+    """The step keeps its loss on the device (no host sync); read it after the step's timing."""
+    return None if result.lm_loss is None else float(result.lm_loss)
 
 
 def _seq_label(seq: int) -> str:
@@ -329,6 +334,9 @@ def main(argv=None) -> int:
                     traceback.print_exc()
                     r = {"variant": variant, "seq_len": seq, "ok": False, "final_loss": None,
                          "error": f"{type(e).__name__}: {str(e)[:200]}"}
+                if not r["ok"]:
+                    # Outside the except clause: its traceback (and the failed step's tensors
+                    # that its frames hold) is gone, so the next configuration gets the memory.
                     gc.collect()
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
