@@ -49,10 +49,6 @@ class KLTuning:
     ``kv_chunk`` queries per unit). qtile_*: the union-tile Q-outer forward. dense_*: the warmup KL.
     union_max_waste: the sparse KL takes the union-tile forward while it computes at most this many
     tile rows per useful (token, block) pick, else the all-KV-outer atomic path (0 = never union).
-    kl_in_attention_fwd: in the fused attention+KL node, compute the KL forward inside the attention
-    forward (a second loop over the tile's union blocks, teacher at the attention's MMA shape)
-    instead of the separate union-tile KL kernel. Off until measured: the first bench run times both
-    (docs/experiments/2026-12-06_msa_layer_v2_predictions.md, lead 1); then one of them goes.
     """
 
     kv_tm: int = 64
@@ -67,7 +63,6 @@ class KLTuning:
     dense_bm: int = 64
     dense_bn: int = 64
     dense_warps: int = 4
-    kl_in_attention_fwd: bool = False
 
 
 def kl_tuning(interpret: bool = False) -> KLTuning:

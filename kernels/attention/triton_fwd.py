@@ -14,9 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kl.common import accumulate_row_stats, finish_rows
 from ..layout import VarlenLayout
-from ..triton_utils import dot, dot_precision
 from .naive import check_topk_ids
 from .triton_bwd import sparse_attention_bwd
 from .triton_common import (LOG2E, BwdConfig, FwdConfig, QTileSchedule, block_key_rows, build_q_tiles,
@@ -33,11 +31,8 @@ def _sparse_fwd_kernel(
     Q, K, V, O, LSE,  # q/o [T, HQ, D], k/v [Tk, HKV, D], lse [T, HQ] fp32
     TILE_BLOCKS, TILE_MASKS, TILE_COUNTS, QK_ROW,
     T, TK, NUM_TILES, STRIDE, qk_scale,  # qk_scale = softmax scale * log2(e)
-    QI, KI, KL_OUT, LSES, PSUM, DQI, iscale,  # WITH_KL: q_idx [T, HKV, DI], k_idx [Tk, DI]; [HKV, T] fp32 x3
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     TM: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr, DOT_MODE: tl.constexpr,
-    WITH_KL: tl.constexpr = False, WANT_DQ: tl.constexpr = False, DI: tl.constexpr = 16,
-    TMK: tl.constexpr = 16, KL_PRECISION: tl.constexpr = "tf32",
 ):
     tile = tl.program_id(0)
     r = tl.program_id(1)
@@ -91,101 +86,28 @@ def _sparse_fwd_kernel(
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
     tl.store(O + q_off[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + tok.to(tl.int64) * HQ + head, lse, mask=row_ok)
-    if WITH_KL:
-        _kl_second_pass(Q, K, QI, KI, KL_OUT, LSES, PSUM, DQI, TILE_BLOCKS, TILE_MASKS, QK_ROW, q, m_i, l_i,
-                        tile, r, n_union, sched_off, row_ok, qk_row, tm, g, T, TK, qk_scale, iscale,
-                        HKV, G, D, TM, BLOCK_KV, BLOCK_N, DOT_MODE, WANT_DQ, DI, TMK, KL_PRECISION)
-
-
-@triton.jit
-def _kl_second_pass(Q, K, QI, KI, KL_OUT, LSES, PSUM, DQI, TILE_BLOCKS, TILE_MASKS, QK_ROW, q, m_i, l_i,
-                    tile, r, n_union, sched_off, row_ok, qk_row, tm, g, T, TK, qk_scale, iscale,
-                    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, TM: tl.constexpr,
-                    BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr, DOT_MODE: tl.constexpr,
-                    WANT_DQ: tl.constexpr, DI: tl.constexpr, TMK: tl.constexpr, KL_PRECISION: tl.constexpr):
-    """The indexer-KL forward from this tile's own teacher (KLTuning.kl_in_attention_fwd): with every
-    row's final LSE known, loop over the tile's union blocks again, recompute the head rows'
-    probabilities at the attention's MMA shape, reduce the G head rows of each token with one MMA
-    against a 0/1 selection matrix, and fold the student (once per token) into the KL statistics of
-    msa_kernels.kl.common. Writes KL, student LSE, teacher mass and dq_idx per (group, token)."""
-    NSUB: tl.constexpr = BLOCK_KV // BLOCK_N
-    empty = l_i == 0.0
-    lse2 = tl.where(empty, 0.0, m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))  # log2 units
-    tcol = tl.arange(0, TMK)
-    t_tok = tile * TM + tcol
-    t_ok = (tcol < TM) & (t_tok < T)
-    t_rows = t_tok.to(tl.int64)
-    t_qk = tl.load(QK_ROW + t_tok, mask=t_ok, other=-1)
-    e = tl.arange(0, DI)
-    qi = tl.load(QI + ((t_rows * HKV + r) * DI)[:, None] + e[None, :], mask=t_ok[:, None], other=0.0)
-    # [TMK, M] 0/1: row i of the product sums the head rows of token slot i (padding heads excluded).
-    sel_t = ((tcol[:, None] == tm[None, :]) & (g < G)[None, :]).to(tl.float32)
-    km = tl.full([TMK], float("-inf"), tl.float32)
-    kl_l = tl.zeros([TMK], tl.float32)
-    psum = tl.zeros([TMK], tl.float32)
-    plogp = tl.zeros([TMK], tl.float32)
-    pt = tl.zeros([TMK], tl.float32)
-    acc_e = tl.zeros([TMK, DI], tl.float32)
-    acc_p = tl.zeros([TMK, DI], tl.float32)
-    n_cols = tl.arange(0, BLOCK_N)
-    d = tl.arange(0, D)
-    for it in range(0, n_union * NSUB):
-        u = it // NSUB
-        sub = it % NSUB
-        blk_row = tl.load(TILE_BLOCKS + sched_off + u)
-        bits = tl.load(TILE_MASKS + sched_off + u)
-        picked = ((bits >> tm.to(tl.int64)) & 1) != 0  # [M]
-        t_picked = ((bits >> tcol.to(tl.int64)) & 1) != 0  # [TMK]
-        k_row = blk_row + sub * BLOCK_N + n_cols
-        k_ok = k_row < TK
-        k = tl.load(K + ((k_row.to(tl.int64) * HKV + r) * D)[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
-        s = mma(q, tl.trans(k), DOT_MODE) * qk_scale
-        visible = (picked & row_ok)[:, None] & (k_row[None, :] <= qk_row[:, None])
-        p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)  # [M, BLOCK_N] each head's probability
-        p_tok = dot(sel_t, p, KL_PRECISION) / G  # [TMK, BLOCK_N] teacher: mean over the group's heads
-        mask = (t_ok & t_picked)[:, None] & k_ok[None, :] & (k_row[None, :] <= t_qk[:, None])
-        ki = tl.load(KI + k_row.to(tl.int64)[:, None] * DI + e[None, :], mask=k_ok[:, None], other=0.0)
-        t = tl.where(mask, dot(qi, tl.trans(ki), KL_PRECISION) * iscale, float("-inf"))
-        km, kl_l, psum, plogp, pt, acc_e, acc_p = accumulate_row_stats(
-            p_tok, t, ki, mask, km, kl_l, psum, plogp, pt, acc_e, acc_p, WANT_DQ, KL_PRECISION)
-    finish_rows(KL_OUT, LSES, PSUM, DQI, t_rows, t_ok, r, T, HKV * DI, DI, km, kl_l, psum, plogp, pt,
-                acc_e, acc_p, iscale, DI, DI, WANT_DQ)
 
 
 def sparse_attention_fwd(q, k, v, tiles: QTileSchedule, qk_rows: torch.Tensor, block_size: int,
-                         scale: float, cfg: FwdConfig, kl: Optional[tuple] = None):
-    """Launch the forward. Returns out [T, Hq, D] (q.dtype) and lse [T, Hq] fp32 (natural log).
-
-    kl = (q_idx, k_idx, index_scale, want_dq): also compute the indexer-KL forward from the tile's own
-    probabilities (see _kl_second_pass) and return (out, lse, (kl [Hkv, T], student lse [Hkv, T],
-    teacher mass [Hkv, T], dq_idx [T, Hkv, Di] fp32 or None))."""
+                         scale: float, cfg: FwdConfig):
+    """Launch the forward. Returns out [T, Hq, D] (q.dtype) and lse [T, Hq] fp32 (natural log)."""
     t, hq, hkv, dim, group = check_shapes(q, k, v, block_size)
     out = torch.empty_like(q)
     lse = torch.empty((t, hq), dtype=torch.float32, device=q.device)
-    kl_out = None
-    kl_args, kl_meta = (out,) * 6 + (0.0,), {}
-    if kl is not None:
-        q_idx, k_idx, iscale, want_dq = kl
-        stats = torch.empty((3, hkv, t), dtype=torch.float32, device=q.device)
-        dq_idx = torch.empty((t, hkv, q_idx.shape[2]), dtype=torch.float32, device=q.device) if want_dq else None
-        kl_out = (stats[0], stats[1], stats[2], dq_idx)
-        kl_args = (q_idx, k_idx, stats[0], stats[1], stats[2], dq_idx if want_dq else stats[0], float(iscale))
-        kl_meta = dict(WITH_KL=True, WANT_DQ=bool(want_dq), DI=q_idx.shape[2],
-                       TMK=max(16, next_pow2(tiles.tokens_per_tile)), KL_PRECISION=dot_precision(q.dtype))
     if t == 0:
-        return (out, lse) if kl is None else (out, lse, kl_out)
+        return out, lse
     tm = tiles.tokens_per_tile
     block_n = min(cfg.block_n, block_size)
     grid = (tiles.num_tiles, hkv)
     _sparse_fwd_kernel[grid](
         q, k, v, out, lse,
         tiles.block_rows, tiles.token_masks, tiles.counts, qk_rows,
-        t, k.shape[0], tiles.num_tiles, tiles.stride, scale * LOG2E, *kl_args,
+        t, k.shape[0], tiles.num_tiles, tiles.stride, scale * LOG2E,
         HQ=hq, HKV=hkv, G=group, GP=next_pow2(group), D=dim,
         TM=tm, BLOCK_KV=block_size, BLOCK_N=block_n,
-        DOT_MODE=dot_mode(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kl_meta,
+        DOT_MODE=dot_mode(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return (out, lse) if kl is None else (out, lse, kl_out)
+    return out, lse
 
 
 def check_sparse_inputs(q, k, v, topk_idx, layout: VarlenLayout, block_size: int, check_ids: bool = True) -> None:

@@ -173,8 +173,6 @@ def measure(shape: Shape, case: Case, family: Family, device, *, budget_ms: floa
 
     row.ms["layer"] = t(layer)
     row.node = node[0] if node else ""
-    if torch.device(device).type == "cuda" and row.node == "_SparseAttentionKLTritonBackward":
-        _candidate_layer(row, t, q, kk, v, qi, ki, go, layout, shape, case, device)
     if torch.device(device).type == "cuda":
         for x in (q, kk, v, qi, ki):
             x.grad = None
@@ -200,50 +198,6 @@ def measure(shape: Shape, case: Case, family: Family, device, *, budget_ms: floa
     if flex and case.kind == "single":
         _flex(row, flex, shape, sel, q, kk, v, go, out_ref, budget_ms, device)
     return row
-
-
-def _candidate_layer(row: Row, t, q, kk, v, qi, ki, go, layout, shape: Shape, case: Case, device) -> None:
-    """The layer with KLTuning.kl_in_attention_fwd (the KL forward inside the attention forward), a
-    candidate until measured: its time, and its KL value and gradients against the default node's."""
-    import dataclasses
-
-    import msa_kernels as mk
-    from msa_kernels.kl import fused
-    from msa_kernels.tuning import kl_tuning
-
-    bs, k = shape.block_size, shape.topk
-    kw = _kw(case, device)
-    cu = case.cu_seqlens.to(device)
-    tune = dataclasses.replace(kl_tuning(), kl_in_attention_fwd=True)
-
-    def run(variant: bool):
-        s = mk.select_blocks(qi.detach(), ki.detach(), cu, bs, k, **kw)
-        if variant:
-            out, _, kl = fused.sparse_attention_kl_triton(q, kk, v, s, qi, ki, layout, block_size=bs,
-                                                          scale=shape.dim ** -0.5, index_scale=shape.index_dim ** -0.5,
-                                                          check_ids=False, kl_tune=tune)
-        else:
-            out, _, kl = mk.sparse_attention_and_kl(q, kk, v, s, qi, ki, cu, bs, **kw)
-        torch.autograd.backward([out, kl], [go, torch.ones_like(kl)], inputs=[q, kk, v, qi, ki])
-        return kl.detach()
-
-    try:
-        row.ms["layer_kl_in_attn_fwd"] = t(lambda: run(True))
-        got = []
-        for variant in (False, True):
-            for x in (q, kk, v, qi, ki):
-                x.grad = None
-            kl = run(variant)
-            got.append((kl, qi.grad.float().clone(), ki.grad.float().clone()))
-        (a, dqa, dka), (b, dqb, dkb) = got
-        row.check["kl_in_attn_fwd_rel_err"] = max(
-            float((a - b).abs() / b.abs().clamp_min(1e-12)),
-            float((dqa - dqb).norm() / dqb.norm().clamp_min(1e-12)),
-            float((dka - dkb).norm() / dkb.norm().clamp_min(1e-12)))
-    except Exception as e:  # a candidate that fails is reported, not fatal
-        row.note += f"kl_in_attention_fwd: {type(e).__name__}: {str(e).splitlines()[0][:120]}; "
-    for x in (q, kk, v, qi, ki):
-        x.grad = None
 
 
 _FLEX = {}
@@ -385,22 +339,19 @@ def markdown(card: str, rows: List[Row], dense: Dict[str, Dict[str, float]], com
                   f"dense causal SDPA fwd+bwd: {dense_txt}", "",
                   "| selection | union/tile mean (p90) | keys/query | select ms (TF/s) | attention f+b ms (TF/s) "
                   "| KL f+b ms (TF/s) | layer ms (TF/s) | KL % | select % | vs cuDNN | vs flash | Flex approx ms "
-                  "| Flex exact ms (rel err) | peak GiB | node | layer, KL fwd in attention fwd ms (rel err) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| Flex exact ms (rel err) | peak GiB | node |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rs:
             m, tf = r.ms, r.tflops
             fe = m.get("flex_exact")
             fe_txt = "-" if fe is None else f"{fe:.1f} ({r.check.get('flex_exact_rel_err', float('nan')):.1e})"
-            ca = m.get("layer_kl_in_attn_fwd")
-            ca_txt = "-" if ca is None else f"{ca:.2f} ({r.check.get('kl_in_attn_fwd_rel_err', float('nan')):.1e})"
             lines.append(
                 f"| {r.family} | {r.union_mean:.1f} ({r.union_p90:.0f}) | {r.keys_per_query:.0f} "
                 f"| {m['select']:.2f} ({tf['select']:.0f}) | {m['attention']:.2f} ({tf['attention']:.0f}) "
                 f"| {m['kl']:.2f} ({tf['kl']:.0f}) | {m['layer']:.2f} ({tf['layer']:.0f}) "
                 f"| {100 * r.share['kl']:.0f} | {100 * r.share['select']:.0f} "
                 f"| {_f(r.vs.get('cudnn'), '{:.2f}x')} | {_f(r.vs.get('flash'), '{:.2f}x')} "
-                f"| {_f(m.get('flex_approx'), '{:.2f}')} | {fe_txt} | {_f(r.peak_gib, '{:.2f}')} | {r.node} "
-                f"| {ca_txt} |"
+                f"| {_f(m.get('flex_approx'), '{:.2f}')} | {fe_txt} | {_f(r.peak_gib, '{:.2f}')} | {r.node} |"
                 + (f" {r.note}" if r.note else ""))
         lines.append("")
     return "\n".join(lines)

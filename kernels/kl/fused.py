@@ -43,14 +43,10 @@ class _SparseAttentionKLTriton(torch.autograd.Function):
         # The KL's union schedule holds the same block rows (and, at equal tokens per tile, tiles).
         qk_rows, blk_rows, tiles = forward_schedule(topk_idx, layout, block_size,
                                                     fcfg.tokens_per_tile(q.shape[1] // k.shape[1]), kl_schedule)
+        out, lse = sparse_attention_fwd(q, k, v, tiles, qk_rows, block_size, scale, fcfg)
         want_idx = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        if kl_tune.kl_in_attention_fwd:
-            out, lse, (kl, lses, psum, dq_idx) = sparse_attention_fwd(q, k, v, tiles, qk_rows, block_size, scale,
-                                                                      fcfg, kl=(q_idx, k_idx, iscale, want_idx))
-        else:
-            out, lse = sparse_attention_fwd(q, k, v, tiles, qk_rows, block_size, scale, fcfg)
-            kl, lses, psum, dq_idx, _, _ = sparse_forward(q, k, lse, q_idx, k_idx, layout, block_size, scale,
-                                                          iscale, want_idx, kl_schedule, kl_tune)
+        kl, lses, psum, dq_idx, _, _ = sparse_forward(q, k, lse, q_idx, k_idx, layout, block_size, scale, iscale,
+                                                      want_idx, kl_schedule, kl_tune)
         factor = norm(layout, k.shape[1], reduction)
         ctx.save_for_backward(q, k, v, out, lse, blk_rows, qk_rows, q_idx, k_idx, lses, psum,
                               dq_idx if want_idx else lses)

@@ -5,8 +5,7 @@ odd lengths with a sequence shorter than one block, G in {1, 2, 4, 8, 16}, fp16 
 outputs and every gradient, compared with the float32 reference run on the same (rounded) inputs.
 Paths: select_blocks; the whole layer as the model runs it (select_blocks + the fused
 attention/KL node, forced onto the fused path); attention alone with each dQ mode; the sparse KL's
-three algorithms (all-KV-outer atomics, union tile, deterministic union); the dense warmup KL; the
-candidate KL forward inside the attention forward (KLTuning.kl_in_attention_fwd).
+three algorithms (all-KV-outer atomics, union tile, deterministic union); the dense warmup KL.
 GPU (-m gpu): the layer at the benchmark shapes (64/4 and 64/8 heads, d = Di = 128, block 128,
 top-16, 8K packed and 32K), bf16 against the float32 reference.
 """
@@ -102,49 +101,29 @@ def test_select_matches_reference(g, dtype):
     assert_same_selection(got, ref, scores, atol=1e-3, rtol=1e-3)
 
 
-def _check_layer(g, dtype, deterministic, kl_tune=None, tol=None):
-    x, go = _inputs(g, DTYPES.get(dtype, torch.float32), seed=100 + g)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("g", GROUPS, ids=[f"G{g}" for g in GROUPS])
+def test_layer_matches_reference(g, dtype, deterministic):
+    """select_blocks -> fused attention + KL node, forward values and all five gradients."""
+    x, go = _inputs(g, DTYPES[dtype], seed=100 + g)
     cu, lay = _layout()
     sel = _select(x, cu, lay)
     xs = {n: t.detach().clone().requires_grad_(True) for n, t in x.items()}
     with poison_allocations():
         out, lse, kl = fused.sparse_attention_kl_triton(
             xs["q"], xs["k"], xs["v"], sel, xs["q_idx"], xs["k_idx"], lay, block_size=BS, scale=D ** -0.5,
-            index_scale=DI ** -0.5, deterministic=deterministic, max_union_waste=math.inf, check_ids=False,
-            kl_tune=kl_tune)
+            index_scale=DI ** -0.5, deterministic=deterministic, max_union_waste=math.inf, check_ids=False)
         assert type(out.grad_fn).__name__ == "_SparseAttentionKLTritonBackward"
         grads = dict(zip(xs, torch.autograd.grad((out.float() * go.float()).sum() + kl, list(xs.values()))))
     (rout, rlse, rkl), rgrads = _reference_layer(x, sel, lay, go)
-    tol = tol or TOL[dtype]
+    tol = TOL[dtype]
     _rel(out, rout, "out", tol)
     _rel(lse, rlse, "lse", tol)
     _rel(kl, rkl, "kl", tol)
     for name in rgrads:
         _rel(grads[name], rgrads[name], f"d{name}", 2 * tol)
         assert grads[name].dtype == x[name].dtype
-
-
-# Every group size and half dtype on the default (atomic) path; the deterministic path, whose
-# kernels differ only in their reduction order, at the extreme group sizes (keeps CI fast).
-LAYER_CASES = ([(g, dt, False) for g in GROUPS for dt in DTYPES]
-               + [(g, dt, True) for g in (1, 16) for dt in DTYPES])
-
-
-@pytest.mark.parametrize("g,dtype,deterministic", LAYER_CASES,
-                         ids=[f"G{g}-{dt}-{'deterministic' if det else 'atomic'}" for g, dt, det in LAYER_CASES])
-def test_layer_matches_reference(g, dtype, deterministic):
-    """select_blocks -> fused attention + KL node, forward values and all five gradients."""
-    _check_layer(g, dtype, deterministic)
-
-
-CANDIDATE_CASES = [(g, dt) for g in (1, 4, 16) for dt in DTYPES] + [(16, "fp32")]
-
-
-@pytest.mark.parametrize("g,dtype", CANDIDATE_CASES, ids=[f"G{g}-{dt}" for g, dt in CANDIDATE_CASES])
-def test_layer_with_the_kl_forward_inside_the_attention_forward(g, dtype):
-    """KLTuning.kl_in_attention_fwd (candidate, off by default): same values and gradients; fp32 to 1e-5."""
-    tune = dataclasses.replace(kl_tuning(not CUDA), kl_in_attention_fwd=True)
-    _check_layer(g, dtype, False, kl_tune=tune, tol=1e-5 if dtype == "fp32" else None)
 
 
 @pytest.mark.parametrize("mode", ["atomic", "qouter"])
