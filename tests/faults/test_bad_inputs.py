@@ -16,7 +16,7 @@ from tests.faults.conftest import write_prefix
 # (id, overrides, text the message must contain: the field to change)
 CONFIG_CASES = [
     ("lr-warmup-beyond-run", ["train.lr_warmup_steps=100"], "train.lr_warmup_steps=100 is longer"),
-    ("stage-warmup-beyond-stage", ["stage.warmup.lr_warmup_steps=21"],
+    ("stage-warmup-beyond-stage", ["stage.warmup.tokens=81920", "stage.warmup.lr_warmup_steps=21"],
      "stage.warmup.lr_warmup_steps=21 is longer"),
     ("sparse-lr-warmup-negative", ["stage.sparse.lr_warmup_steps=-1"],
      "stage.sparse.lr_warmup_steps=-1"),
