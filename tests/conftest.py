@@ -3,6 +3,12 @@ import os
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Kernel tests run the Triton kernels under the CPU interpreter. Triton reads this when a kernel
+    # is decorated, so it must be set before ANY test module (of any folder) imports msa_kernels;
+    # elsewhere on CPU the ops take the PyTorch reference path, which ignores it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Tiny CPU tests are fastest single-threaded; multi-rank tests spawn their own processes.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -129,6 +129,7 @@ def main(argv=None) -> int:
         print()
         _compare_layers(model, base)
     if args.build:
+        c = count_parameters(model, attn)
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         from msa_train.compat import destroy_parallel, init_parallel
         from msa_train.model.meta import build_on_meta, count_built_parameters
