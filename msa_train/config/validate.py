@@ -94,14 +94,18 @@ def _check_warmup_fits(cfg: DictConfig, errors: List[str]) -> None:
         plan = build_plan(cfg.stage, cfg.train)
     except Exception:
         return  # the stage checks report what is wrong
+    # A stage's own warmup must fit that stage. The shared train.lr_warmup_steps is cut to each
+    # stage's length (the trainer does so), so only one longer than the whole run is an error.
     for stage in plan.job_stages:
-        if stage.steps > 0 and stage.lr_warmup_steps > stage.steps:
-            own = cfg.stage[stage.name].lr_warmup_steps
-            field = (f"stage.{stage.name}.lr_warmup_steps" if own is not None
-                     else "train.lr_warmup_steps")
-            errors.append(f"{field}={stage.lr_warmup_steps} is longer than the {stage.name} stage "
-                          f"({stage.steps} steps of train.global_batch_size x train.seq_length "
-                          f"tokens): lower it or raise stage.{stage.name}.tokens")
+        own = cfg.stage[stage.name].lr_warmup_steps
+        if own is not None and stage.steps > 0 and stage.lr_warmup_steps > stage.steps:
+            errors.append(f"stage.{stage.name}.lr_warmup_steps={stage.lr_warmup_steps} is longer "
+                          f"than the {stage.name} stage ({stage.steps} steps of "
+                          f"train.global_batch_size x train.seq_length tokens): lower it or raise "
+                          f"stage.{stage.name}.tokens")
+    if t.lr_warmup_steps is not None and 0 < plan.total_steps < t.lr_warmup_steps:
+        errors.append(f"train.lr_warmup_steps={t.lr_warmup_steps} is longer than the whole run "
+                      f"({plan.total_steps} steps): lower it or raise the stages' tokens")
 
 
 def _check_train(cfg: DictConfig, errors: List[str]) -> None:
