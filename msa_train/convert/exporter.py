@@ -68,16 +68,9 @@ def _manifest_near(path: Optional[str]) -> Optional[Dict[str, Any]]:
 def resolve_source(path: str) -> Source:
     """A checkpoint save dir, an iter_XXXXXXX dir, an import-hf OUT_DIR, or a run dir (its
     run_config.yaml names the save dir)."""
-    from msa_train.trainer.ckpt_layout import RUN_CONFIG_FILENAME, read_tracker, resolve
+    from msa_train.trainer.ckpt_layout import RUN_CONFIG_FILENAME, resolve, save_dir_of_run
 
-    if (os.path.isdir(path) and read_tracker(path) is None
-            and os.path.isfile(os.path.join(path, RUN_CONFIG_FILENAME))
-            and not os.path.isfile(os.path.join(path, "metadata.json"))):
-        save = (_load_yaml(os.path.join(path, RUN_CONFIG_FILENAME)).get("checkpoint") or {}).get("save")
-        if not save:
-            raise ConversionError(f"run dir {path}: its run_config.yaml has no checkpoint.save")
-        path = save
-    directory = resolve(path, "CKPT_DIR")
+    directory = resolve(save_dir_of_run(path, "CKPT_DIR"), "CKPT_DIR")
     manifest = _manifest_near(directory)
     run_cfg_path = os.path.join(directory, RUN_CONFIG_FILENAME)
     tokenizer_dir = None

@@ -63,15 +63,9 @@ def load_run_config(iter_dir: str, override: Optional[str] = None):
 
 def resolve_checkpoint(path: str, field: str = "checkpoint") -> str:
     """A run dir, a save dir or an iter_XXXXXXX dir -> the iteration directory."""
-    from msa_train.trainer.ckpt_layout import resolve
+    from msa_train.trainer.ckpt_layout import resolve, save_dir_of_run
 
-    run_ckpts = os.path.join(path, "checkpoints")
-    if os.path.isdir(run_ckpts) and not os.path.exists(os.path.join(path, "metadata.json")):
-        from msa_train.trainer.ckpt_layout import has_checkpoint
-
-        if has_checkpoint(run_ckpts):
-            path = run_ckpts
-    return resolve(path, field)
+    return resolve(save_dir_of_run(path, field), field)
 
 
 def _iteration_of(iter_dir: str) -> int:

@@ -68,6 +68,24 @@ def resolve(path: str, field: str) -> str:
     return directory
 
 
+def save_dir_of_run(path: str, field: str) -> str:
+    """A run dir (run_config.yaml, no checkpoint of its own) -> the save dir its config names;
+    any other path is returned unchanged (resolve() then judges it)."""
+    if not (os.path.isdir(path) and read_tracker(path) is None
+            and os.path.isfile(os.path.join(path, RUN_CONFIG_FILENAME))
+            and not os.path.isfile(os.path.join(path, "metadata.json"))):
+        return path
+    import yaml
+
+    with open(os.path.join(path, RUN_CONFIG_FILENAME)) as fh:
+        run_cfg = yaml.safe_load(fh) or {}
+    save = (run_cfg.get("checkpoint") or {}).get("save")
+    if not save:
+        raise CheckpointError(f"{field}={path} is a run dir whose run_config.yaml has no "
+                              "checkpoint.save: point it at a save dir or an iter_XXXXXXX dir")
+    return save
+
+
 def write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as fh:

@@ -35,6 +35,8 @@ MAKE_CKPT = textwrap.dedent(f"""
         cfg.data.source = "mock"
         cfg.train.seq_length = 160
         cfg.train.global_batch_size = 1
+        cfg.run_dir = root
+        cfg.checkpoint.save = os.path.join(root, "checkpoints")
         model_cfg, attn_cfg = OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.attention)
         torch.manual_seed(0)
         init_parallel({{}})
@@ -47,6 +49,9 @@ MAKE_CKPT = textwrap.dedent(f"""
         ckpt_layout.write_atomic(os.path.join(it, ckpt_layout.RUN_CONFIG_FILENAME),
                                  OmegaConf.to_yaml(cfg, resolve=True))
         ckpt_layout.write_tracker(os.path.join(root, "checkpoints"), 20)
+        # The trainer also writes the run's config into the run dir: msa-eval RUN finds the save dir there.
+        ckpt_layout.write_atomic(os.path.join(root, ckpt_layout.RUN_CONFIG_FILENAME),
+                                 OmegaConf.to_yaml(cfg, resolve=True))
         destroy_parallel()
 
     if __name__ == "__main__":  # dist_checkpointing's writer processes re-import this file
