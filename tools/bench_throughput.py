@@ -14,6 +14,11 @@ no index branch, torch SDPA flash/cuDNN attention). The MSA model trains in the 
 Megatron DDP, distributed optimizer, bf16) on synthetic tokens, so the numbers are what training
 sees, minus the data loader.
 
+Each configuration (length x variant) runs in its own child process, so allocator caches, compiled
+kernels and tensors of one never reach the next. Variants: `msa` and `dense` as configured, and
+`msa_unfused` / `dense_unfused` with the speed switches off (model.moe_grouped_gemm,
+model.fused_activation, model.lm_loss: the pure-torch reference paths).
+
 Per configuration: build, at least `--warmup` untimed steps and more until two consecutive steps
 agree within 10% (Triton compiles each kernel variant the first time a step takes its path; the
 allocator settles), then `--steps` timed steps, each between CUDA synchronizations (per-step times
@@ -103,12 +108,18 @@ KERNEL_CATEGORIES = (
     ("msa_kl", ("_kl_", "_dense_lse_kernel")),
     ("msa_attention", ("_sparse_fwd_kernel", "_sparse_bwd_", "_delta_kernel", "_union_tiles_kernel")),
     ("dense_attention", ("sdpa", "fmha", "flash", "attention")),
-    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "wgmma")),
+    ("loss", ("cross_entropy", "log_softmax", "logsoftmax", "nll_loss", "logsumexp")),
+    ("optimizer", ("adam", "multi_tensor", "l2norm")),
+    ("moe_routing", ("index_select", "indexselect", "scatter", "sort", "topk", "masked_select",
+                     "histc", "bincount", "cumsum", "gather")),
+    ("norm_act", ("rms_norm", "rmsnorm", "layer_norm", "silu", "swiglu", "triton_poi",
+                  "triton_red", "triton_per")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "wgmma", "grouped_mm")),
 )
-
-
-def kernel_breakdown(kernels) -> Dict[str, float]:
-    """ms per category from (kernel name, device microseconds) pairs; the rest is "other"."""
+def kernel_breakdown(kernels, wall_ms: Optional[float] = None) -> Dict[str, float]:
+    """ms per category from (kernel name, device microseconds) pairs; the rest is "other".
+    With the step's wall time, "host_gap" is the time the GPU ran no kernel (launch-bound or
+    waiting on the host)."""
     out = {name: 0.0 for name, _ in KERNEL_CATEGORIES}
     out["other"] = 0.0
     for name, us in kernels:
@@ -116,10 +127,13 @@ def kernel_breakdown(kernels) -> Dict[str, float]:
         cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
         out[cat] += us / 1e3
     out["total"] = sum(out.values())
+    if wall_ms is not None:
+        out["host_gap"] = max(0.0, wall_ms - out["total"])
     return {k: round(v, 2) for k, v in out.items()}
 
 
-def _profile_step(step, path: str, cuda: bool) -> Optional[Dict[str, float]]:
+def _profile_step(step, path: str, cuda: bool,
+                  wall_ms: Optional[float] = None) -> Optional[Dict[str, float]]:
     """One extra step under torch.profiler: the kernel table tells where a slow configuration's
     time goes (our Triton kernels vs SDPA vs the MoE GEMMs vs the optimizer) without a second run."""
     import torch
@@ -142,7 +156,7 @@ def _profile_step(step, path: str, cuda: bool) -> Optional[Dict[str, float]]:
 
     # Kernel-level events only (operators such as aten::mm would count their kernels twice).
     kernels = [(e.key, getattr(e, key)) for e in avg if getattr(e, "device_type", None) == DeviceType.CUDA]
-    return kernel_breakdown(kernels) if kernels else None  # a profiler without kernel events: table only
+    return kernel_breakdown(kernels, wall_ms) if kernels else None  # a profiler without kernel events: table only
 
 
 def _timed(step, cuda: bool):
@@ -206,7 +220,8 @@ def measure(cfg, runtime, variant: str, warmup: int, steps: int,
             losses.append(_loss_value(result))
             times.append(dt)
         seconds = sum(times)
-        breakdown = _profile_step(step, profile_path, cuda) if profile_path else None
+        breakdown = (_profile_step(step, profile_path, cuda, 1e3 * statistics.median(times))
+                     if profile_path else None)
     finally:
         mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         del objs
@@ -238,21 +253,30 @@ def _seq_label(seq: int) -> str:
     return f"{seq // 1024}K" if seq % 1024 == 0 else str(seq)
 
 
+VARIANT_NAMES = {"msa": "MSA (sparse stage)", "dense": "dense-GQA twin",
+                 "msa_unfused": "MSA, switches off", "dense_unfused": "twin, switches off"}
+TWIN_OF = {"msa": "dense", "msa_unfused": "dense_unfused"}
+
+
 def markdown(results: List[Dict], device: str, peak: Optional[float], meta: Dict) -> str:
     lines = [f"Card: **{device}** (dense bf16 peak "
              f"{_fmt(peak, '.1f', 'unknown')} TFLOP/s). {meta['model']} model "
              f"({meta['params']}), attention={meta['attention']}, {meta['tokens_per_step']} "
              f"tokens per step, >= {meta['warmup']} warmup steps (until two agree within 10%) + "
              f"{meta['steps']} timed steps, "
-             f"torch {meta['torch']}, triton {meta['triton']}.", "",
+             f"torch {meta['torch']}, triton {meta['triton']}."
+             + (" Speed switches: " + ", ".join(f"model.{k}={v}" for k, v in
+                                               meta["switches"].items()) + "."
+                if meta.get("switches") else ""), "",
              "| seq | model | tokens/s | step ms: median (min-max) | TFLOP/s | MFU | "
              "dense-equiv TFLOP/s | peak mem GiB | MSA / dense tokens/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     by = {(r["seq_len"], r["variant"]): r for r in results}
     for r in results:
         ratio = ""
-        if r["variant"] == "msa" and (r["seq_len"], "dense") in by:
-            d = by[(r["seq_len"], "dense")]
+        twin = TWIN_OF.get(r["variant"])
+        if twin and (r["seq_len"], twin) in by:
+            d = by[(r["seq_len"], twin)]
             if r["ok"] and d["ok"]:
                 x = r["tokens_per_sec"] / d["tokens_per_sec"]
                 target = TARGET_SPEEDUP.get(r["seq_len"])
@@ -260,7 +284,7 @@ def markdown(results: List[Dict], device: str, peak: Optional[float], meta: Dict
                                            if target else "")
             else:
                 ratio = "n/a (a run failed)"
-        name = "MSA (sparse stage)" if r["variant"] == "msa" else "dense-GQA twin"
+        name = VARIANT_NAMES[r["variant"]]
         mfu_s = "-" if peak is None or not r["ok"] else f"{100 * r['tflops'] / peak:.1f}%"
         ms = r.get("step_ms") or []
         ms_s = f"{statistics.median(ms):.0f} ({min(ms):.0f}-{max(ms):.0f})" if ms else "-"
@@ -276,10 +300,63 @@ def markdown(results: List[Dict], device: str, peak: Optional[float], meta: Dict
         lines += ["", "GPU time of one profiled step (ms, torch.profiler kernel time by category):", "",
                   "| seq | model | " + " | ".join(cats) + " |", "|---|---|" + "---|" * len(cats)]
         for r in prof:
-            name = "MSA (sparse stage)" if r["variant"] == "msa" else "dense-GQA twin"
+            name = VARIANT_NAMES[r["variant"]]
             lines.append(f"| {_seq_label(r['seq_len'])} | {name} | "
                          + " | ".join(f"{r['profile_gpu_ms'][c]:.1f}" for c in cats) + " |")
     return "\n".join(lines) + "\n"
+
+
+# The speed switches off (model.* fields; docs/THROUGHPUT.md): the reference implementations.
+UNFUSED = ["model.moe_grouped_gemm=false", "model.fused_activation=false", "model.lm_loss=megatron"]
+VARIANTS = ("msa", "dense", "msa_unfused", "dense_unfused")
+
+
+def _variant_cfg(a, seq: int, variant: str):
+    extra = list(a.overrides) + (UNFUSED if variant.endswith("_unfused") else [])
+    cfg = _compose(a.model, a.attention, seq, a.tokens_per_step, extra, seq >= a.recompute_from)
+    return cfg if variant.startswith("msa") else _twin(cfg)
+
+
+def _measure_one(a, seq: int, variant: str) -> Dict:
+    """One configuration in this process (the parent runs each in a fresh child process, so no
+    allocator cache, compiled-kernel state or leaked tensor carries over between them)."""
+    import torch
+
+    from msa_train.metrics.peaks import current_device_name, resolve_peak_tflops
+    from msa_train.trainer.runtime import init_runtime, shutdown_runtime
+
+    cfg = _variant_cfg(a, seq, variant)
+    runtime = init_runtime(cfg.train, cfg.parallel)
+    try:
+        prof = (os.path.join(a.profile, f"profile_{variant}_{_seq_label(seq)}.txt")
+                if a.profile else None)
+        r = measure(cfg, runtime, variant, a.warmup, a.steps, prof)
+    finally:
+        shutdown_runtime()
+    r["device"] = current_device_name() or "CPU"
+    r["peak_tflops"] = (resolve_peak_tflops(cfg.logging.peak_tflops)
+                        if torch.cuda.is_available() else None)
+    return r
+
+
+def _run_child(argv: List[str], seq: int, variant: str, timeout: int) -> Dict:
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--one", str(seq), variant,
+               "--result-file", out.name]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"variant": variant, "seq_len": seq, "ok": False, "final_loss": None,
+                    "error": f"timed out after {timeout}s"}
+        text = out.read()
+    if proc.returncode == 0 and text:
+        return json.loads(text)
+    tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
+    return {"variant": variant, "seq_len": seq, "ok": False, "final_loss": None,
+            "error": f"exit {proc.returncode}: " + " | ".join(tail)[-300:]}
 
 
 def main(argv=None) -> int:
@@ -293,67 +370,53 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3,
                     help="untimed steps at least; more (up to 12) until two consecutive steps agree within 10%%")
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--variants", nargs="+", default=["msa", "dense"], choices=["msa", "dense"])
+    ap.add_argument("--variants", nargs="+", default=["msa", "dense"], choices=VARIANTS,
+                    help="msa / dense: the models as configured; *_unfused: with the speed "
+                         "switches off (grouped experts, fused activation, fused loss)")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
     ap.add_argument("--json", default=None, help="write the raw results here")
     ap.add_argument("--markdown", default=None, help="write the results table here")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="also profile one extra step per configuration: DIR/profile_<variant>_<seq>.txt")
+    ap.add_argument("--one", nargs=2, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides (e.g. train.precision=fp32)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = ap.parse_args(argv)
     if a.steps < 1 or a.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
     _ensure_importable()
     if a.profile:
         os.makedirs(a.profile, exist_ok=True)
+    if a.one is not None:  # child: one configuration
+        r = _measure_one(a, int(a.one[0]), a.one[1])
+        with open(a.result_file, "w") as f:
+            json.dump(r, f)
+        return 0
 
-    import torch
-
-    from msa_train.metrics.peaks import current_device_name, resolve_peak_tflops
-    from msa_train.metrics.progress import format_count
-    from msa_train.trainer.runtime import init_runtime, shutdown_runtime
-
-    first = _compose(a.model, a.attention, a.seq[0], a.tokens_per_step, a.overrides,
-                     a.seq[0] >= a.recompute_from)
-    runtime = init_runtime(first.train, first.parallel)
-    device = current_device_name() or "CPU"
-    peak = resolve_peak_tflops(first.logging.peak_tflops) if runtime.device.type == "cuda" else None
-    results = []
-    try:
-        for seq in a.seq:
-            cfg = _compose(a.model, a.attention, seq, a.tokens_per_step, a.overrides,
-                           seq >= a.recompute_from)
-            for variant in a.variants:
-                vcfg = cfg if variant == "msa" else _twin(cfg)
-                try:
-                    prof = (os.path.join(a.profile, f"profile_{variant}_{_seq_label(seq)}.txt")
-                            if a.profile else None)
-                    r = measure(vcfg, runtime, variant, a.warmup, a.steps, prof)
-                except Exception as e:  # e.g. OOM: record it, measure the other configurations
-                    import traceback
-
-                    traceback.print_exc()
-                    r = {"variant": variant, "seq_len": seq, "ok": False, "final_loss": None,
-                         "error": f"{type(e).__name__}: {str(e)[:200]}"}
-                if not r["ok"]:
-                    # Outside the except clause: its traceback (and the failed step's tensors
-                    # that its frames hold) is gone, so the next configuration gets the memory.
-                    gc.collect()
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-                print(json.dumps(r), flush=True)
-                results.append(r)
-    finally:
-        shutdown_runtime()
     from omegaconf import OmegaConf
 
+    from msa_train.metrics.progress import format_count
     from msa_train.model.flops import count_parameters
 
+    results = []
+    for seq in a.seq:
+        for variant in a.variants:
+            r = _run_child(argv, seq, variant, a.timeout)
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    first = _variant_cfg(a, a.seq[0], "msa")
     counts = count_parameters(OmegaConf.to_object(first.model), OmegaConf.to_object(first.attention))
+    import torch
     import triton
 
+    device = next((r["device"] for r in results if r.get("device")), "unknown")
+    peak = next((r["peak_tflops"] for r in results if r.get("peak_tflops")), None)
     meta = {"model": a.model, "attention": a.attention, "tokens_per_step": a.tokens_per_step,
             "warmup": a.warmup, "steps": a.steps, "torch": torch.__version__,
             "triton": triton.__version__,
+            "switches": {k: OmegaConf.select(first, f"model.{k}")
+                         for k in ("moe_grouped_gemm", "fused_activation", "lm_loss")},
             "params": f"{format_count(counts.total)} total / {format_count(counts.active)} active "
                       "params"}
     table = markdown(results, device, peak, meta)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 MSA_MODES = ("dense", "sparse")
+LM_LOSS_IMPLS = ("megatron", "chunked", "liger")  # model.lm_loss (msa_train.model.lm_loss)
 
 
 @dataclass
@@ -55,7 +56,15 @@ class ModelConfig:
     moe_router_load_balancing_type: str = "aux_loss"
     moe_aux_loss_coeff: float = 1e-3
     moe_token_dispatcher_type: str = "alltoall"
+    # Speed switches (same math, see docs/THROUGHPUT.md). moe_grouped_gemm: routed experts as two
+    # torch._grouped_mm GEMMs (msa_train.model.experts) instead of one GEMM per expert.
     moe_grouped_gemm: bool = False
+    # fused_activation: Megatron's own torch.compile fusions of SwiGLU (with the MoE routing
+    # weight) and bias-dropout-add, instead of separate elementwise kernels.
+    fused_activation: bool = False
+    # lm_loss: megatron (materialised logits) | chunked (pure torch, any TP) | liger (liger-kernel
+    # fused linear cross-entropy, CUDA, TP=1); msa_train.model.lm_loss.
+    lm_loss: str = "megatron"
 
     def __post_init__(self) -> None:
         validate_model_config(self)
@@ -144,6 +153,8 @@ def validate_model_config(cfg: ModelConfig) -> None:
             f"model.rope_scaling must be null, 'llama3' or 'linear', got {cfg.rope_scaling!r}")
     if cfg.rope_scaling is not None and not cfg.rope_scaling_factor > 0:
         raise ValueError(f"model.rope_scaling_factor must be > 0, got {cfg.rope_scaling_factor}")
+    if cfg.lm_loss not in LM_LOSS_IMPLS:
+        raise ValueError(f"model.lm_loss must be one of {LM_LOSS_IMPLS}, got {cfg.lm_loss!r}")
     if cfg.normalization not in ("RMSNorm", "LayerNorm"):
         raise ValueError(f"model.normalization must be RMSNorm or LayerNorm, got {cfg.normalization!r}")
     if cfg.num_moe_experts is not None:

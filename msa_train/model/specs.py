@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from msa_train.model.attention import MSACoreAttention, MSASelfAttention
+from msa_train.model.experts import GroupedExperts
 from msa_train.model.norm import SPNorm
 
 
@@ -29,10 +30,11 @@ def msa_layer_spec(config, moe: bool) -> ModuleSpec:
     """One decoder layer. Whether its attention has the index branch is read from
     config.msa_layer_map by MSACoreAttention (so PP/VPP slicing needs no extra bookkeeping)."""
     mlp = get_mlp_module_spec(
-        use_te=False,
-        num_experts=config.num_moe_experts if moe else None,
-        moe_grouped_gemm=bool(config.moe_grouped_gemm) if moe else False,
+        use_te=False, num_experts=config.num_moe_experts if moe else None, moe_grouped_gemm=False
     )
+    if moe and getattr(config, "msa_grouped_experts", False):
+        # Same parameters as the local SequentialMLP, grouped GEMMs in the forward.
+        mlp.submodules.experts.module = GroupedExperts
     qk_norm = SPNorm if config.qk_layernorm else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,

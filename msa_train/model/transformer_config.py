@@ -33,6 +33,8 @@ class MSATransformerConfig(TransformerConfig):
     msa_index_rope: bool = False
     msa_recall_num_queries: int = 256
     msa_deterministic: bool = False
+    msa_grouped_experts: bool = False  # ModelConfig.moe_grouped_gemm (msa_train.model.experts)
+    msa_lm_loss: str = "megatron"  # ModelConfig.lm_loss (msa_train.model.lm_loss)
     # GPTModel constructor arguments that are not TransformerConfig fields, kept here so that
     # build_model(config) needs nothing else.
     gpt_vocab_size: int = 256
@@ -142,8 +144,9 @@ def build_transformer_config(
         add_bias_linear=False,  # MoE + bias hits an in-place view error in Megatron
         attention_dropout=0.0,
         hidden_dropout=0.0,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
+        # Megatron fuses SwiGLU only (GeLU fusion needs a bias).
+        bias_activation_fusion=m.fused_activation and m.gated_linear_unit,
+        bias_dropout_fusion=m.fused_activation,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
@@ -176,6 +179,8 @@ def build_transformer_config(
         msa_index_rope=attn_cfg.index_rope,
         msa_recall_num_queries=attn_cfg.recall_num_queries,
         msa_deterministic=attn_cfg.deterministic,
+        msa_grouped_experts=m.moe_grouped_gemm,
+        msa_lm_loss=m.lm_loss,
         gpt_vocab_size=m.vocab_size,
         gpt_max_position_embeddings=m.max_position_embeddings,
         gpt_position_embedding_type=m.position_embedding_type,
@@ -198,7 +203,8 @@ def build_transformer_config(
             moe_router_load_balancing_type=m.moe_router_load_balancing_type,
             moe_aux_loss_coeff=m.moe_aux_loss_coeff,
             moe_token_dispatcher_type=m.moe_token_dispatcher_type,
-            moe_grouped_gemm=m.moe_grouped_gemm,
+            # Megatron's GroupedMLP needs the grouped_gemm extension; ours is msa_grouped_experts.
+            moe_grouped_gemm=False,
             moe_permute_fusion=False,
             moe_router_dtype="fp32",
         )

@@ -62,6 +62,7 @@ class Trainer:
         self.owned_iterations: set = set()
         self.divergence = DivergencePolicy.from_config(cfg.train)
         self._bad_loss = None  # device flag: a non-finite loss since the last log step
+        self.steps_since_log = 0  # optimizer steps the KL / MoE trackers hold
         self._build_data()
 
     # -- data ------------------------------------------------------------------------------------
@@ -294,25 +295,35 @@ class Trainer:
                 if action == "stop":
                     raise DivergenceError(self._divergence_message(step))
                 if action == "rollback":
-                    _kl_metrics()  # drop what the rolled-back steps recorded
+                    _drop_step_metrics()  # what the rolled-back steps recorded
+                    self.steps_since_log = 0
                     if sample_recall:
                         from msa_train.model import get_recall_metrics
 
                         get_recall_metrics(reset=True)  # collective: every rank rolls back
                     self._rollback(stage, objs)
                     continue
-                kl = _kl_metrics()
-                moe = _moe_metrics(objs.config)
+                self.steps_since_log += 1
+                recall_metrics = {}
                 if sample_recall:
                     from msa_train.model import get_recall_metrics
 
-                    moe.update(get_recall_metrics(reset=True))  # collective: every rank calls
+                    recall_metrics = get_recall_metrics(reset=True)  # collective: every rank
                 seconds = time.perf_counter() - t0
                 self.guard.note_step_time(seconds)
+                evaluate = bool(cfg.train.eval_interval) and step % int(cfg.train.eval_interval) == 0
+                log_now = logger.should_log(step) or step == stage.end_step or evaluate
+                if log_now:
+                    # The KL and MoE trackers accumulate on the device between log steps and are
+                    # reduced (collectives, host reads) only here: means over the log interval.
+                    kl = _kl_metrics()
+                    moe = _moe_metrics(objs.config, self.steps_since_log)
+                    moe.update(recall_metrics)
+                    self.steps_since_log = 0
                 valid_loss = None
-                if cfg.train.eval_interval and step % int(cfg.train.eval_interval) == 0:
+                if evaluate:
                     valid_loss = self._evaluate(objs)
-                if logger.should_log(step) or step == stage.end_step or valid_loss is not None:
+                if log_now:
                     self._report_bad_loss(step)
                     metrics = {keys.LM_LOSS: None if result.lm_loss is None
                                else float(result.lm_loss),
@@ -431,7 +442,7 @@ class Trainer:
                             seq_length=int(self.cfg.train.seq_length),
                             micro_batch_size=int(self.cfg.train.micro_batch_size),
                             device=self.runtime.device, cp_size=self.cp_size) for _ in range(iters)]
-        _kl_metrics()  # drop the KL the validation forward passes recorded
+        _drop_step_metrics()  # validation forwards are not training metrics
         if not losses or losses[0] is None:
             return None  # not the last pipeline stage: only it holds the loss
         return sum(losses) / len(losses)
@@ -483,7 +494,19 @@ def _kl_metrics() -> Dict[int, float]:
     return get_kl_metrics(reset=True)
 
 
-def _moe_metrics(config) -> Dict[str, float]:
+def _drop_step_metrics() -> None:
+    """Forget what the KL and MoE trackers accumulated (steps that were rolled back)."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    from msa_train.model.kl_tracker import clear
+
+    clear()
+    clear_aux_losses_tracker()
+
+
+def _moe_metrics(config, steps: int = 1) -> Dict[str, float]:
+    """Load-balancing loss per MoE layer, averaged over the `steps` optimizer steps that Megatron's
+    tracker accumulated since the last call."""
     if getattr(config, "num_moe_experts", None) is None:
         return {}
     from megatron.core.transformer.moe.moe_utils import (clear_aux_losses_tracker,
@@ -498,6 +521,6 @@ def _moe_metrics(config) -> Dict[str, float]:
         values = entry["values"].float()
         layers = int((values != 0).sum().item()) or 1
         if name == "load_balancing_loss":
-            out[keys.MOE_LB_LOSS] = float(values.sum().item()) / layers
+            out[keys.MOE_LB_LOSS] = float(values.sum().item()) / layers / max(steps, 1)
     clear_aux_losses_tracker()
     return out

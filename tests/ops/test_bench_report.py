@@ -43,10 +43,13 @@ def test_profile_breakdown_sorts_kernels_into_categories_and_reaches_the_table()
     kernels = [("_select_blocks_kernel", 1000.0), ("_kl_sparse_fwd_kernel", 4000.0),
                ("_sparse_bwd_kv_kernel", 3000.0), ("_sparse_fwd_kernel", 1500.0),
                ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", 18000.0),
-               ("nvjet_sm90_tst_256x128_64x4", 250.0), ("vectorized_elementwise_kernel", 50.0)]
-    b = bench.kernel_breakdown(kernels)
+               ("nvjet_sm90_tst_256x128_64x4", 250.0), ("vectorized_elementwise_kernel", 50.0),
+               ("_cross_entropy_kernel", 700.0), ("multi_tensor_apply_kernel<AdamFunctor>", 300.0),
+               ("indexSelectLargeIndex", 200.0), ("triton_poi_fused_mul_silu_0", 100.0)]
+    b = bench.kernel_breakdown(kernels, wall_ms=40.0)
     assert b == {"msa_select": 1.0, "msa_kl": 4.0, "msa_attention": 4.5, "dense_attention": 18.0,
-                 "gemm": 0.25, "other": 0.05, "total": 27.8}
+                 "loss": 0.7, "optimizer": 0.3, "moe_routing": 0.2, "norm_act": 0.1,
+                 "gemm": 0.25, "other": 0.05, "total": 29.1, "host_gap": 10.9}
     rows = [dict(_r("msa", 32768, 30000.0), profile_gpu_ms=b), _r("dense", 32768, 15000.0)]
     md = bench.markdown(rows, "NVIDIA H200", 989.4, META)
     assert "| msa_select | msa_kl |" in md and "| 32K | MSA (sparse stage) | 1.0 | 4.0 | 4.5 | 18.0 |" in md
