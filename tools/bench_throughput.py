@@ -155,7 +155,10 @@ def _profile_step(step, path: str, cuda: bool,
     from torch.autograd import DeviceType
 
     # Kernel-level events only (operators such as aten::mm would count their kernels twice).
-    kernels = [(e.key, getattr(e, key)) for e in avg if getattr(e, "device_type", None) == DeviceType.CUDA]
+    # User annotations (e.g. "Optimizer.step#AdamW.step") carry their kernels' time again.
+    kernels = [(e.key, getattr(e, key)) for e in avg
+               if getattr(e, "device_type", None) == DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False) and "#" not in e.key]
     return kernel_breakdown(kernels, wall_ms) if kernels else None  # a profiler without kernel events: table only
 
 
