@@ -17,7 +17,7 @@ sees, minus the data loader.
 Each configuration (length x variant) runs in its own child process, so allocator caches, compiled
 kernels and tensors of one never reach the next. Variants: `msa` and `dense` as configured, and
 `msa_unfused` / `dense_unfused` with the speed switches off (model.moe_grouped_gemm,
-model.fused_activation, model.lm_loss: the pure-torch reference paths).
+model.fused_activation, model.lm_loss, train.fused_adam: the reference paths).
 
 Per configuration: build, at least `--warmup` untimed steps and more until two consecutive steps
 agree within 10% (Triton compiles each kernel variant the first time a step takes its path; the
@@ -310,7 +310,8 @@ def markdown(results: List[Dict], device: str, peak: Optional[float], meta: Dict
 
 
 # The speed switches off (model.* fields; docs/THROUGHPUT.md): the reference implementations.
-UNFUSED = ["model.moe_grouped_gemm=false", "model.fused_activation=false", "model.lm_loss=megatron"]
+UNFUSED = ["model.moe_grouped_gemm=false", "model.fused_activation=false", "model.lm_loss=megatron",
+           "train.fused_adam=false"]
 VARIANTS = ("msa", "dense", "msa_unfused", "dense_unfused")
 
 

@@ -7,7 +7,8 @@ and off; the loss curves must agree within the run-to-run bf16 noise.
 
 Three runs of the trainer (`python -m msa_train.train`), each 50 optimizer steps on real text
 (data=stdlib): `off_a` and `off_b` with the switches off (model.moe_grouped_gemm=false,
-model.fused_activation=false, model.lm_loss=megatron) and `on` with the configured switches. The
+model.fused_activation=false, model.lm_loss=megatron, train.fused_adam=false) and `on` with the
+configured switches. The
 attention backward accumulates with atomics (attention.deterministic=false), so `off_a` and
 `off_b` differ only by the order of floating-point additions: their largest per-step loss gap is
 the noise band. The switches pass when `on` stays within twice that band of `off_a` at every step
@@ -24,7 +25,8 @@ import sys
 from typing import Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OFF = ["model.moe_grouped_gemm=false", "model.fused_activation=false", "model.lm_loss=megatron"]
+OFF = ["model.moe_grouped_gemm=false", "model.fused_activation=false", "model.lm_loss=megatron",
+       "train.fused_adam=false"]
 MIN_BAND = 0.02  # loss units: bf16 noise floor when two runs happen to agree closely
 
 

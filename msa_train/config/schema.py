@@ -80,6 +80,9 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1.0e-8
     clip_grad: float = 1.0
+    # torch's fused AdamW kernel where the optimizer's parameters are on CUDA (foreach elsewhere);
+    # msa_train.trainer.optimizer_state.set_fused_adam.
+    fused_adam: bool = True
     eval_interval: Optional[int] = None  # steps between validation passes; None = no validation
     eval_iters: int = 2  # global batches per validation pass
     # Activation recompute, passed to the TransformerConfig: None | full | selective.

@@ -296,6 +296,7 @@ def _load(directory: str, chunks, optimizer, scheduler, saved_world_size: Option
     optimizer_state.init_states(optimizer)
     sharded = _full_sharded_state_dict(chunks, optimizer, scheduler, {}, is_loading=True,
                                        with_rng=with_rng, optimizer_metadata=metadata)
+    fused_adam = optimizer_state.fused_adam_enabled(optimizer)  # loading replaces the groups
     with torch.no_grad():
         loaded = dist_checkpointing.load(sharded, directory)
         for i, chunk in enumerate(chunks):
@@ -305,6 +306,7 @@ def _load(directory: str, chunks, optimizer, scheduler, saved_world_size: Option
         else:
             optimizer.load_state_dict(loaded["optimizer"])
             _restore_adam_steps(optimizer, loaded["optimizer"])
+        optimizer_state.set_fused_adam(optimizer, fused_adam)
     scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if with_rng:
         rng.restore(loaded["rng_state"])

@@ -51,6 +51,40 @@ def is_distributed(optimizer) -> bool:
     return bool(subs) and all(isinstance(sub, DistributedOptimizer) for sub in subs)
 
 
+def _torch_adams(optimizer):
+    for sub in sub_optimizers(optimizer):
+        inner = getattr(sub, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            yield inner
+
+
+def fused_adam_enabled(optimizer) -> bool:
+    """Whether set_fused_adam turned the fused kernel on (read it before a load overwrites the
+    param groups with the checkpoint's)."""
+    return any(group.get("fused") for inner in _torch_adams(optimizer) for group in inner.param_groups)
+
+
+def set_fused_adam(optimizer, enabled: bool) -> None:
+    """torch AdamW's fused step (one kernel over all tensors; train.fused_adam) instead of its
+    foreach default, for param groups whose parameters are all on CUDA.
+
+    Without TransformerEngine or Apex, Megatron-Core builds torch.optim.AdamW without `fused`;
+    torch reads `fused` / `foreach` from the param group at every step, so setting them here (after
+    building, and again after a checkpoint load has replaced the groups) switches the kernel. The
+    fused kernel wants each parameter's `step` as an fp32 tensor on that parameter's device.
+    """
+    for inner in _torch_adams(optimizer):
+        for group in inner.param_groups:
+            on = enabled and bool(group["params"]) and all(p.is_cuda for p in group["params"])
+            group["fused"] = on
+            if on:
+                group["foreach"] = False
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if on and state and isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+
+
 def init_states(optimizer) -> None:
     """Give a fresh optimizer real state tensors: loading copies into them in place."""
     for sub in sub_optimizers(optimizer):

@@ -122,6 +122,8 @@ def build_optimizer(cfg, runtime, chunks, stage: StagePlan):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    from msa_train.trainer.optimizer_state import set_fused_adam
+
     train = cfg.train
     opt_config = OptimizerConfig(
         optimizer="adam",
@@ -138,6 +140,7 @@ def build_optimizer(cfg, runtime, chunks, stage: StagePlan):
         overlap_param_gather=bool(cfg.parallel.overlap_param_gather),
     )
     optimizer = get_megatron_optimizer(opt_config, chunks, use_gloo_process_groups=False)
+    set_fused_adam(optimizer, bool(train.fused_adam))
     # Megatron's scheduler counts samples: it is stepped by the global batch size each update.
     samples = int(train.global_batch_size)
     decay_steps = max(stage.steps, 1)
