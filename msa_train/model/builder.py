@@ -27,8 +27,9 @@ class MSAGPTModel(GPTModel):
 
     def forward(self, *args, labels=None, **kwargs):
         impl = getattr(self.config, "msa_lm_loss", "megatron")
+        # MTP and MuP (0.19) post-process the logits themselves: they keep GPTModel's path.
         if (labels is None or impl == "megatron" or not self.post_process
-                or getattr(self, "mtp_process", False)):
+                or getattr(self, "mtp_process", False) or getattr(self.config, "use_mup", False)):
             return super().forward(*args, labels=labels, **kwargs)
         layer = self.output_layer
         # An instance attribute shadows ColumnParallelLinear.forward for this call only; GPTModel

@@ -42,8 +42,10 @@ def grouped_linear(x: torch.Tensor, weights: torch.Tensor, offs: torch.Tensor) -
 class GroupedExperts(SequentialMLP):
     """SequentialMLP's parameters, two grouped GEMMs in the forward (see the module docstring)."""
 
-    def __init__(self, num_local_experts, config, submodules, pg_collection=None):
-        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None, **kwargs):
+        # kwargs: what newer Megatron-Core versions add (0.19: name=).
+        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection,
+                         **kwargs)
         expert = self.local_experts[0]
         self._gated = bool(self.config.gated_linear_unit)
         self._has_bias = expert.linear_fc1.bias is not None or expert.linear_fc2.bias is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
 from typing import List, Optional
 
 from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec
@@ -33,8 +35,7 @@ def msa_layer_spec(config, moe: bool) -> ModuleSpec:
         use_te=False, num_experts=config.num_moe_experts if moe else None, moe_grouped_gemm=False
     )
     if moe and getattr(config, "msa_grouped_experts", False):
-        # Same parameters as the local SequentialMLP, grouped GEMMs in the forward.
-        mlp.submodules.experts.module = GroupedExperts
+        mlp = _with_grouped_experts(mlp)
     qk_norm = SPNorm if config.qk_layernorm else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,
@@ -57,6 +58,20 @@ def msa_layer_spec(config, moe: bool) -> ModuleSpec:
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def _with_grouped_experts(moe_spec):
+    """The MoE spec with GroupedExperts (SequentialMLP's parameters, grouped GEMMs) in place of
+    SequentialMLP. megatron-core 0.16 spells the MoE layer as ModuleSpec(MoELayer, submodules=
+    MoESubmodules(experts=ModuleSpec(SequentialMLP, ...))); 0.19 as functools.partial(MoELayer,
+    submodules=MoESubmodules(experts=partial(SequentialMLP, submodules=...)))."""
+    if isinstance(moe_spec, ModuleSpec):
+        moe_spec.submodules.experts.module = GroupedExperts
+        return moe_spec
+    subs = moe_spec.keywords["submodules"]
+    experts = subs.experts
+    subs = dataclasses.replace(subs, experts=partial(GroupedExperts, *experts.args, **experts.keywords))
+    return partial(moe_spec.func, *moe_spec.args, **{**moe_spec.keywords, "submodules": subs})
 
 
 def moe_pattern(config) -> List[int]:
