@@ -28,7 +28,8 @@ sparse_attention_and_kl(q, k, v, topk_idx, q_idx, k_idx, cu_seqlens, block_size=
 
 Backend dispatch
 ----------------
-``MSA_KERNELS_BACKEND`` = ``auto`` (default) | ``reference`` | ``triton``.
+Every op takes ``backend=`` ``auto`` | ``reference`` | ``triton`` (msa-train passes
+``attention.kernels``); ``backend=None`` reads ``MSA_KERNELS_BACKEND`` (default ``auto``).
 auto: CUDA tensors -> Triton, CPU tensors -> the reference. On CUDA the slow reference never runs
 silently: without Triton installed, auto warns once, loudly (RuntimeWarning and the log), and runs
 the reference; a Triton kernel module or entry point that is missing or fails to import raises.
@@ -98,16 +99,21 @@ def _triton_available() -> bool:
     return True
 
 
-def _backend_choice() -> str:
+def _backend_choice(backend: Optional[str] = None) -> str:
+    if backend is not None:
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        return backend
     choice = os.environ.get("MSA_KERNELS_BACKEND", "auto").strip().lower() or "auto"
     if choice not in _BACKENDS:
         raise ValueError(f"MSA_KERNELS_BACKEND must be one of {_BACKENDS}, got {choice!r}")
     return choice
 
 
-def backend_for(t: torch.Tensor) -> str:
-    """'triton' or 'reference' for an op whose inputs live where ``t`` lives (see module docstring)."""
-    choice = _backend_choice()
+def backend_for(t: torch.Tensor, backend: Optional[str] = None) -> str:
+    """'triton' or 'reference' for an op whose inputs live where ``t`` lives, given the op's
+    ``backend`` argument (None: MSA_KERNELS_BACKEND, default auto; see the module docstring)."""
+    choice = _backend_choice(backend)
     if choice != "auto":
         return choice
     if not t.is_cuda:
@@ -115,8 +121,9 @@ def backend_for(t: torch.Tensor) -> str:
     if _triton_available():
         return "triton"
     _warn_once("no-triton", "msa_kernels: Triton is not installed, so MSA runs the PyTorch reference on CUDA, "
-                            "many times slower than the kernels. Install triton (pip install triton), or set "
-                            "MSA_KERNELS_BACKEND=reference to choose the reference on purpose.")
+                            "many times slower than the kernels. Install triton (pip install triton), or choose "
+                            "the reference on purpose (msa-train: attention.kernels=reference; "
+                            "elsewhere backend='reference' or MSA_KERNELS_BACKEND=reference).")
     return "reference"
 
 
@@ -136,21 +143,22 @@ def _load_triton(module: str, fn: str):
         mod = importlib.import_module(full)
     except ImportError as e:
         raise ImportError(f"msa_kernels: the Triton kernel module {full} failed to import ({e}); fix the "
-                          f"installation, or set MSA_KERNELS_BACKEND=reference to run the slow PyTorch "
-                          f"reference") from e
+                          f"installation, or run the slow PyTorch reference (msa-train: "
+                          f"attention.kernels=reference; elsewhere backend='reference')") from e
     impl = getattr(mod, fn, None)
     if impl is None:
         raise ImportError(f"msa_kernels: {full} has no {fn}; the installed msa_kernels is incomplete")
     return impl
 
 
-def _dispatch(anchor: torch.Tensor, module: str, fn: str):
+def _dispatch(anchor: torch.Tensor, module: str, fn: str, backend: Optional[str] = None):
     """The Triton entry point to run, or None for the reference."""
-    if backend_for(anchor) == "reference":
+    if backend_for(anchor, backend) == "reference":
         return None
     if not anchor.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise RuntimeError("MSA_KERNELS_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 (set before "
-                           "importing triton); unset MSA_KERNELS_BACKEND to run the reference")
+        raise RuntimeError("the triton backend on CPU tensors needs TRITON_INTERPRET=1 (set before "
+                           "importing triton); use backend 'auto' or 'reference' (msa-train: "
+                           "attention.kernels) to run the reference")
     return _load_triton(module, fn)
 
 
@@ -244,7 +252,8 @@ def _is_selected(topk_idx: torch.Tensor) -> bool:
 def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, cu_seqlens: torch.Tensor,
                   block_size: int = 128, topk: int = 16, *, index_scale: Optional[float] = None,
                   key_starts: Optional[torch.Tensor] = None, key_lens: Optional[torch.Tensor] = None,
-                  force_sink: bool = False, local_window: int = 0) -> torch.Tensor:
+                  force_sink: bool = False, local_window: int = 0,
+                  backend: Optional[str] = None) -> torch.Tensor:
     """Per-token top-k key blocks of each index group -> int32 [Hkv, T, topk], -1 padded.
 
     Block score = max over the block's visible keys (j <= i) of <q_idx[i,r], k_idx[j]> * index_scale.
@@ -267,7 +276,7 @@ def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, cu_seqlens: torch.Te
     layout = _layout(cu_seqlens, key_starts, key_lens, t, k_idx.shape[0], q_idx.device)
     opts = dict(block_size=block_size, topk=topk, index_scale=index_scale,
                 force_sink=bool(force_sink), local_window=local_window)
-    impl = _dispatch(q_idx, "select.triton", "select_blocks_triton")
+    impl = _dispatch(q_idx, "select.triton", "select_blocks_triton", backend)
     if impl is None:
         from .select.naive import select_blocks_ref
         impl = select_blocks_ref
@@ -277,7 +286,8 @@ def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, cu_seqlens: torch.Te
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk_idx: torch.Tensor,
                      cu_seqlens: torch.Tensor, block_size: int = 128, *, scale: Optional[float] = None,
                      key_starts: Optional[torch.Tensor] = None, key_lens: Optional[torch.Tensor] = None,
-                     deterministic: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                     deterministic: bool = False,
+                     backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention of every head of group r over the tokens j <= i of its selected blocks.
 
     Returns (out [T, Hq, D] in q.dtype, lse [T, Hq] float32, natural log); autograd for q, k, v,
@@ -291,7 +301,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk_idx
     block_size = _check_block_size(block_size)
     scale = _scale(scale, d, "scale")
     layout = _layout(cu_seqlens, key_starts, key_lens, t, k.shape[0], q.device)
-    impl = _dispatch(q, "attention.triton_fwd", "sparse_attention_triton")
+    impl = _dispatch(q, "attention.triton_fwd", "sparse_attention_triton", backend)
     if impl is None:
         from .attention.naive import sparse_attention_ref
         return sparse_attention_ref(q, k, v, topk_idx, layout, block_size=block_size, scale=scale,
@@ -305,7 +315,7 @@ def indexer_kl(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, q_idx: torch
                block_size: int = 128, *, scale: Optional[float] = None,
                index_scale: Optional[float] = None, key_starts: Optional[torch.Tensor] = None,
                key_lens: Optional[torch.Tensor] = None, reduction: str = "mean",
-               deterministic: bool = False) -> torch.Tensor:
+               deterministic: bool = False, backend: Optional[str] = None) -> torch.Tensor:
     """KL(P || Q) on the selected support S(i, r), reduced over (token, group).
 
     Teacher P = mean over the G heads of group r of exp(q.k * scale - lse) on S(i, r) (detached);
@@ -320,7 +330,7 @@ def indexer_kl(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, q_idx: torch
     _check_topk(topk_idx, hkv, t, q.device)
     opts = _sparse_kl_options(block_size, scale, index_scale, d, q_idx.shape[2], reduction, deterministic)
     layout = _layout(cu_seqlens, key_starts, key_lens, t, k.shape[0], q.device)
-    impl = _dispatch(q, "kl.triton", "indexer_kl_triton")
+    impl = _dispatch(q, "kl.triton", "indexer_kl_triton", backend)
     if impl is None:
         from .kl.naive import indexer_kl_ref
         impl = indexer_kl_ref
@@ -331,7 +341,8 @@ def indexer_kl_dense(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_id
                      cu_seqlens: torch.Tensor, *, scale: Optional[float] = None,
                      index_scale: Optional[float] = None, key_starts: Optional[torch.Tensor] = None,
                      key_lens: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
-                     reduction: str = "mean", deterministic: bool = False) -> torch.Tensor:
+                     reduction: str = "mean", deterministic: bool = False,
+                     backend: Optional[str] = None) -> torch.Tensor:
     """Warmup-stage KL: like :func:`indexer_kl` with support = every visible key j <= i.
 
     The teacher is full causal attention; ``lse`` [T, Hq] fp32 of that attention may be passed
@@ -345,7 +356,7 @@ def indexer_kl_dense(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_id
                 index_scale=_scale(index_scale, q_idx.shape[2], "index_scale"),
                 lse=lse, reduction=_check_reduction(reduction), deterministic=bool(deterministic))
     layout = _layout(cu_seqlens, key_starts, key_lens, t, k.shape[0], q.device)
-    impl = _dispatch(q, "kl.triton", "indexer_kl_dense_triton")
+    impl = _dispatch(q, "kl.triton", "indexer_kl_dense_triton", backend)
     if impl is None:
         from .kl.naive import indexer_kl_dense_ref
         impl = indexer_kl_dense_ref
@@ -357,7 +368,8 @@ def sparse_attention_and_kl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
                             block_size: int = 128, *, scale: Optional[float] = None,
                             index_scale: Optional[float] = None, key_starts: Optional[torch.Tensor] = None,
                             key_lens: Optional[torch.Tensor] = None, reduction: str = "mean",
-                            deterministic: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            deterministic: bool = False, backend: Optional[str] = None
+                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sparse stage's main branch and KL together: :func:`sparse_attention` (autograd to q, k, v)
     and :func:`indexer_kl` of its own probabilities (teacher detached; autograd to q_idx, k_idx).
 
@@ -373,7 +385,7 @@ def sparse_attention_and_kl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
     opts = _sparse_kl_options(block_size, scale, index_scale, d, q_idx.shape[2], reduction, deterministic)
     block_size = opts["block_size"]
     layout = _layout(cu_seqlens, key_starts, key_lens, t, k.shape[0], q.device)
-    impl = _dispatch(q, "kl.fused", "sparse_attention_kl_triton")
+    impl = _dispatch(q, "kl.fused", "sparse_attention_kl_triton", backend)
     if impl is not None:
         return impl(q, k, v, topk_idx, q_idx, k_idx, layout, check_ids=not _is_selected(topk_idx), **opts)
     from .attention.naive import sparse_attention_ref

@@ -136,10 +136,33 @@ def test_backend_env_and_missing_triton_module(monkeypatch):
     monkeypatch.setenv("MSA_KERNELS_BACKEND", "auto")
     assert mk.backend_for(t) == "reference"  # CPU tensors
     # A missing kernel module or entry point never falls back to the slow reference: it raises.
-    with pytest.raises(ImportError, match="MSA_KERNELS_BACKEND=reference"):
+    with pytest.raises(ImportError, match="attention.kernels=reference"):
         mk._load_triton("select.not_written_yet", "fn_a")
     with pytest.raises(ImportError, match="has no fn_b"):
         mk._load_triton("layout", "fn_b")
+
+
+def test_backend_argument_overrides_the_environment(monkeypatch):
+    class FakeCuda:
+        is_cuda = True
+
+    monkeypatch.setenv("MSA_KERNELS_BACKEND", "triton")
+    assert mk.backend_for(torch.zeros(1), "reference") == "reference"
+    assert mk.backend_for(torch.zeros(1), "auto") == "reference"  # CPU tensors
+    monkeypatch.setattr(mk, "_triton_available", lambda: True)
+    assert mk.backend_for(FakeCuda(), "auto") == "triton"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mk.backend_for(torch.zeros(1), "fast")
+    # The argument reaches the dispatch of a public op: triton on CPU without the interpreter
+    # would raise, the reference answers.
+    q = torch.randn(9, 2, 4)
+    k_idx = torch.randn(9, 4)
+    cu = torch.tensor([0, 9], dtype=torch.int32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    out = mk.select_blocks(q, k_idx, cu, 4, 2, backend="reference")
+    assert out.shape == (2, 9, 2)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        mk.select_blocks(q, k_idx, cu, 4, 2, backend="triton")
 
 
 def test_cuda_without_triton_warns_once_loudly(monkeypatch, caplog):
@@ -152,7 +175,7 @@ def test_cuda_without_triton_warns_once_loudly(monkeypatch, caplog):
     monkeypatch.setattr(mk, "_warned", set())
     with pytest.warns(RuntimeWarning, match="Triton is not installed"):
         assert mk.backend_for(FakeCuda()) == "reference"
-    assert any("MSA_KERNELS_BACKEND=reference" in r.getMessage() for r in caplog.records)
+    assert any("attention.kernels=reference" in r.getMessage() for r in caplog.records)
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
