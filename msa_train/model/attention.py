@@ -159,7 +159,7 @@ class MSACoreAttention(MegatronModule):
 
         cfg = self.config
         q_idx, k_idx = self._index_tensors(x, layout)
-        kw = layout.kernel_kwargs()
+        kw = dict(layout.kernel_kwargs(), backend=cfg.msa_kernels)
         want_kl = self.training and torch.is_grad_enabled()
         topk_idx = None
         if self.mode == "sparse":
@@ -220,7 +220,7 @@ class MSACoreAttention(MegatronModule):
             topk_idx = msa_kernels.select_blocks(
                 q_idx, k_idx, layout.cu_seqlens, cfg.msa_block_size, cfg.msa_topk,
                 force_sink=cfg.msa_force_sink, local_window=cfg.msa_local_window,
-                **layout.kernel_kwargs(),
+                backend=cfg.msa_kernels, **layout.kernel_kwargs(),
             )
         rows = recall.sample_rows(q.shape[0], cfg.msa_recall_num_queries, q.device)
         sums = recall.compute_recall(

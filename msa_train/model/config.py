@@ -12,6 +12,7 @@ from typing import List, Optional
 
 MSA_MODES = ("dense", "sparse")
 LM_LOSS_IMPLS = ("megatron", "chunked", "liger")  # model.lm_loss (msa_train.model.lm_loss)
+KERNEL_BACKENDS = ("auto", "triton", "reference")  # attention.kernels (msa_kernels backend=)
 
 
 @dataclass
@@ -101,6 +102,8 @@ class AttentionConfig:
     # at most `recall_num_queries` sampled query tokens per layer.
     recall_num_queries: int = 256
     deterministic: bool = False
+    # msa_kernels backend: auto (Triton on CUDA, the PyTorch reference on CPU) | triton | reference.
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         validate_attention_config(self)
@@ -204,6 +207,8 @@ def validate_attention_config(cfg: AttentionConfig) -> None:
             f"attention.topk ({cfg.topk}) must leave room for the forced blocks: local + "
             f"local_window ({cfg.local_window}) + sink ({int(cfg.force_sink)}) = {forced}"
         )
+    if cfg.kernels not in KERNEL_BACKENDS:
+        raise ValueError(f"attention.kernels must be one of {KERNEL_BACKENDS}, got {cfg.kernels!r}")
     if cfg.recall_num_queries < 1:
         raise ValueError(
             "attention.recall_num_queries must be >= 1"

@@ -33,6 +33,7 @@ class MSATransformerConfig(TransformerConfig):
     msa_index_rope: bool = False
     msa_recall_num_queries: int = 256
     msa_deterministic: bool = False
+    msa_kernels: str = "auto"  # AttentionConfig.kernels: the msa_kernels backend
     msa_grouped_experts: bool = False  # ModelConfig.moe_grouped_gemm (msa_train.model.experts)
     msa_lm_loss: str = "megatron"  # ModelConfig.lm_loss (msa_train.model.lm_loss)
     # GPTModel constructor arguments that are not TransformerConfig fields, kept here so that
@@ -179,6 +180,7 @@ def build_transformer_config(
         msa_index_rope=attn_cfg.index_rope,
         msa_recall_num_queries=attn_cfg.recall_num_queries,
         msa_deterministic=attn_cfg.deterministic,
+        msa_kernels=attn_cfg.kernels,
         msa_grouped_experts=m.moe_grouped_gemm,
         msa_lm_loss=m.lm_loss,
         gpt_vocab_size=m.vocab_size,

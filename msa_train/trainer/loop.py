@@ -239,7 +239,12 @@ class Trainer:
             checkpointing.load(resume_dir, objs.chunks, objs.optimizer, objs.scheduler,
                                saved.get("world_size"))
         self.progress.stage = stage.name
-        _print0(f"stage {stage.name}: attention={stage.mode} trainable={stage.trainable} "
+        import msa_kernels
+
+        kernels = msa_kernels.backend_for(torch.empty(0, device=self.runtime.device),
+                                          str(self.cfg.attention.kernels))
+        _print0(f"stage {stage.name}: attention={stage.mode} (msa kernels: {kernels}) "
+                f"trainable={stage.trainable} "
                 f"({objs.trainable_params:,} trainable / {objs.frozen_params:,} frozen params on "
                 f"rank 0), steps {stage.start_step}->{stage.end_step}, "
                 f"{stage.steps * self.plan.tokens_per_step:,} tokens")

@@ -70,6 +70,7 @@ def test_default_layer_map_first_three_dense():
         (dict(layer_map=[1], layer_ids=[0]), "attention.layer_map"),
         (dict(topk=2, local_window=2), "attention.topk"),
         (dict(kl_coeff=-1.0), "attention.kl_coeff"),
+        (dict(kernels="fast"), "attention.kernels"),
     ],
 )
 def test_attention_config_errors_name_the_field(kwargs, field):
@@ -85,6 +86,7 @@ def test_attention_config_errors_name_the_field(kwargs, field):
         (dict(num_moe_experts=4), "model.moe_ffn_hidden_size"),
         (dict(rotary_percent=0.0), "model.rotary_percent"),
         (dict(hidden_size=0), "model.hidden_size"),
+        (dict(lm_loss="fused"), "model.lm_loss"),
     ],
 )
 def test_model_config_errors_name_the_field(kwargs, field):

@@ -261,3 +261,22 @@ def test_kl_gradient_follows_loss_scale_and_coeff(megatron_1rank):
     set_kl_loss_scale(1.0)
     torch.testing.assert_close(grads[1], 3 * grads[0])
     torch.testing.assert_close(grads[2], 2 * grads[0])
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_kernel_backend_comes_from_the_config(megatron_1rank, monkeypatch, mode):
+    """attention.kernels reaches every msa_kernels call of the layer (no environment variable)."""
+    import msa_kernels
+
+    monkeypatch.setenv("MSA_KERNELS_BACKEND", "triton")  # must be ignored by the layer
+    seen = []
+    for name in ("select_blocks", "sparse_attention_and_kl", "indexer_kl_dense"):
+        real = getattr(msa_kernels, name)
+        monkeypatch.setattr(msa_kernels, name,
+                            lambda *a, _real=real, _name=name, **kw: seen.append((_name, kw["backend"]))
+                            or _real(*a, **kw))
+    core, cfg = make_core(mode=mode, kernels="reference")
+    core.train()
+    q, k, v, x = (t.requires_grad_() for t in inputs(cfg, seed=5))
+    run(core, q, k, v, x)
+    assert seen and all(backend == "reference" for _, backend in seen), seen
