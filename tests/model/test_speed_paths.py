@@ -122,9 +122,3 @@ def test_chunked_loss_without_labels_returns_logits(megatron_1rank):
         torch.testing.assert_close(fast(tokens, None, None), ref(tokens, None, None))
     assert "forward" not in vars(fast.output_layer)  # the deferral never outlives a call
 
-
-def test_lm_loss_rejects_unknown_impl():
-    from msa_train.model import ModelConfig
-
-    with pytest.raises(ValueError, match="model.lm_loss must be one of"):
-        ModelConfig(lm_loss="fused")
