@@ -111,6 +111,10 @@ def plot_recall(summary: Dict, path: str) -> str:
         if key == "block_recall":
             ax.axhline(summary["random_block_recall"], color="grey", ls=":",
                        label="random selection (upper bound)")
+        elif "uniform_score_recall" in summary:
+            ax.axhline(summary["uniform_score_recall"], color="grey", ls=":",
+                       label="any selection, uniform attention")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylim(0, 1.05)
         ax.set_xlabel("MSA layer (0-based)")
         ax.set_ylabel(key.replace("_", " "))
@@ -146,7 +150,9 @@ def markdown(summary: Dict) -> str:
             f"{_f(v.get('score_recall'))} | {kl_w} | {_f(k.get('sparse_end'), '.3g')} | "
             f"{v['timing'].get('train_s', '')} | {v['timing'].get('eval_s', '')} |")
     lines += ["", f"Random selection's expected block recall (upper bound, same query rows): "
-              f"{summary['random_block_recall']:.3f}.", ""]
+              f"{summary['random_block_recall']:.3f}. Score recall of any selection if the main "
+              f"branch attended uniformly: {summary.get('uniform_score_recall', float('nan')):.3f}.",
+              ""]
     retrieval_rows = []
     for n, v in var.items():
         for task, per in (v["eval"].get("retrieval") or {}).items():

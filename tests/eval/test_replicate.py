@@ -91,6 +91,28 @@ def test_random_block_recall_matches_a_simulation():
     assert replicate.random_block_recall(64, 16, 4, 64) == 1.0
 
 
+def test_uniform_score_recall_is_what_the_recall_metric_gives_for_uniform_attention():
+    """q = 0 makes the main branch's attention uniform over the visible tokens; the project's
+    recall metric then gives exactly the reference value, whatever blocks the indexer picked."""
+    import msa_kernels
+    import torch
+
+    from msa_train.model.packing import batch_layout
+    from msa_train.model.recall import compute_recall, sample_rows
+
+    t, block, topk, nq = 256, 16, 4, 40
+    gen = torch.Generator().manual_seed(3)
+    q = torch.zeros(t, 4, 8)
+    k = torch.randn(t, 2, 8, generator=gen)
+    layout = batch_layout(t, 1, torch.device("cpu"))
+    topk_idx = msa_kernels.select_blocks(torch.randn(t, 2, 8, generator=gen),
+                                         torch.randn(t, 8, generator=gen), layout.cu_seqlens,
+                                         block, topk)
+    sums = compute_recall(q, k, topk_idx, layout, block, 1.0, sample_rows(t, nq, q.device))
+    assert float(sums[1] / sums[2]) == pytest.approx(
+        replicate.uniform_score_recall(t, block, topk, nq), rel=1e-5)
+
+
 def _summary(kl_start=1e-3, kl_end=2e-4, block=0.7, ppl=None):
     ppl = ppl or {}
 
@@ -105,7 +127,7 @@ def _summary(kl_start=1e-3, kl_end=2e-4, block=0.7, ppl=None):
 
     names = ["dense", "msa_pt", "no_warmup", "no_stop_grad", "fixed_window", "dense_cont", "msa_cpt"]
     return {"variants": {n: var(n, msa=not n.startswith("dense")) for n in names},
-            "random_block_recall": 0.45}
+            "random_block_recall": 0.45, "uniform_score_recall": 0.37}
 
 
 def test_claims_and_check_follow_the_measurements():
@@ -118,6 +140,15 @@ def test_claims_and_check_follow_the_measurements():
     assert verdicts["indexer warmup matters"] == "reproduces"
     assert verdicts["dynamic selection beats a fixed sink + local window"] == "does not reproduce"
     assert replicate.check(good) == []
+
+    # Attention nearly uniform over blocks (score recall at the uniform value): the quality
+    # claims are inconclusive, the KL and recall ones are not.
+    flat = _summary(ppl={"msa_pt": 10.0, "dense": 9.9, "no_warmup": 11.0})
+    flat["uniform_score_recall"] = 0.88
+    verdicts = {c["claim"]: c["verdict"] for c in replicate.claims(flat)}
+    assert verdicts["indexer warmup matters"] == "inconclusive"
+    assert verdicts["MSA-PT quality close to dense (same tokens)"] == "inconclusive"
+    assert verdicts["indexer KL falls during the warmup"] == "reproduces"
 
     bad = _summary(kl_start=1e-4, kl_end=5e-4, block=0.4)
     failures = replicate.check(bad)
