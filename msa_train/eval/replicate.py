@@ -201,9 +201,15 @@ def evaluate(size: Size, v: Variant, out_dir: str, device: Optional[str]) -> Dic
     argv = [run_dir, "--out", os.path.join(run_dir, "eval"), "--tasks", tasks, *size.eval_args]
     if device:
         argv += ["--device", device]
-    with open(os.path.join(run_dir, "eval.log"), "w") as log, \
-            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        return cli.run(cli.parse_args(argv))
+    try:
+        with open(os.path.join(run_dir, "eval.log"), "w") as log, \
+                contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            return cli.run(cli.parse_args(argv))
+    finally:
+        import torch
+
+        if torch.cuda.is_available():  # give the next training run the memory back
+            torch.cuda.empty_cache()
 
 
 def read_metrics(run_dir: str) -> List[Dict]:
@@ -224,7 +230,6 @@ def run_all(size: Size, out_dir: str, names: Optional[List[str]] = None,
     from tqdm import tqdm
 
     out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     todo = variants(size)
     if names:
         unknown = sorted(set(names) - {v.name for v in todo})
@@ -234,6 +239,7 @@ def run_all(size: Size, out_dir: str, names: Optional[List[str]] = None,
         todo = [v for v in todo if v.name in need]
     if device:
         extra = [f"train.device={device}", *(extra or [])]
+    os.makedirs(out_dir, exist_ok=True)
     _check_same_settings(out_dir, {**asdict(size), "extra_overrides": list(extra or [])})
     cost = {v.name: v.steps + size.eval_cost_steps for v in todo}
     done = {v.name: _read_done(out_dir, v.name) for v in todo}
@@ -256,7 +262,11 @@ def run_all(size: Size, out_dir: str, names: Optional[List[str]] = None,
             t1 = time.time()
             bar.update(start_n + v.steps - bar.n)
             bar.set_postfix_str(f"{i + 1}/{len(todo)} {v.name}: eval")
-            evaluate(size, v, out_dir, device)
+            try:
+                evaluate(size, v, out_dir, device)
+            except (ValueError, FileNotFoundError, RuntimeError) as err:
+                raise RuntimeError(f"msa-eval of variant {v.name!r} failed: {err} (log: "
+                                   f"{os.path.join(out_dir, v.name, 'eval.log')})") from err
             t2 = time.time()
             bar.update(start_n + cost[v.name] - bar.n)
             timings[v.name] = {"train_s": round(t1 - t0, 1), "eval_s": round(t2 - t1, 1)}

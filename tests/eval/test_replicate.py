@@ -1,6 +1,5 @@
 """tools/replicate.py's logic without training: the variants' configs, the random-selection
 baseline, the claim verdicts and the CI check. (The replication itself runs as its own CI step.)"""
-import os
 import random
 
 import pytest
@@ -156,6 +155,14 @@ def test_claims_and_check_follow_the_measurements():
 
 
 def test_unknown_variant_is_an_error_naming_the_choices(tmp_path):
+    out = tmp_path / "out"
     with pytest.raises(ValueError, match="choose from"):
-        replicate.run_all(replicate.SIZES["cpu"], str(tmp_path), names=["msa_ptt"])
-    assert not os.listdir(tmp_path)  # nothing written
+        replicate.run_all(replicate.SIZES["cpu"], str(out), names=["msa_ptt"])
+    assert not out.exists()  # nothing written
+
+
+def test_a_directory_made_with_other_settings_is_refused(tmp_path):
+    replicate._check_same_settings(str(tmp_path), {"warmup_steps": 30})
+    replicate._check_same_settings(str(tmp_path), {"warmup_steps": 30})  # same: fine
+    with pytest.raises(ValueError, match="warmup_steps"):
+        replicate._check_same_settings(str(tmp_path), {"warmup_steps": 60})
