@@ -33,7 +33,7 @@ def grads(stop_grad: bool, kl_coeff: float, mode: str):
     tokens = tokens_batch()
     loss = model(tokens, None, None, labels=tokens).float().mean()
     loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
