@@ -3,8 +3,10 @@
     msa-eval runs/tiny_cpu --out runs/tiny_cpu/eval
     msa-eval /ckpt/pt_109b --out eval/ --tasks ppl,retrieval --lengths 4096,32768 --device cuda
     msa-eval RUN --out OUT --jsonl my_tasks.jsonl --tasks ppl
+    torchrun --nproc_per_node 8 -m msa_train.eval.cli RUN --out OUT     # data parallel
 
-Writes OUT/results.json (schema in the README), OUT/results.md and PNG figures.
+Under torchrun every rank loads the whole model and scores its share of the sequences and examples
+(msa_train.eval.shard); rank 0 writes the results. Writes OUT/results.json (schema in the README), OUT/results.md and PNG figures.
 """
 from __future__ import annotations
 
@@ -104,7 +106,7 @@ def run(args) -> Dict:
     import torch
     from tqdm import tqdm
 
-    from msa_train.eval import checkpoint, report, scoring, tasks
+    from msa_train.eval import checkpoint, report, scoring, shard, tasks
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -113,6 +115,7 @@ def run(args) -> Dict:
     os.makedirs(args.out, exist_ok=True)
     em = checkpoint.load_eval_model(args.checkpoint, device, config=args.config,
                                     max_seq_len=max(args.lengths or [0]) + 1)
+    rank, world = shard.rank_world()
     try:
         lengths = args.lengths or [int(em.cfg.train.seq_length)]
         longest = max(lengths)
@@ -137,7 +140,9 @@ def run(args) -> Dict:
         if "retrieval" in args.tasks:
             units += len(args.retrieval_tasks) * len(lengths) * args.num_examples
         units += sum(len(v) for v in task_files.values())
-        bar = tqdm(total=units, desc="msa-eval", unit="seq", dynamic_ncols=True)
+        # Rank 0 shows the progress of all ranks: its own share, counted world times.
+        bar = tqdm(total=units, desc="msa-eval", unit="seq", dynamic_ncols=True, disable=rank != 0)
+        step = lambda: bar.update(min(world, bar.total - bar.n))  # noqa: E731
 
         if "ppl" in args.tasks:
             results["perplexity"] = {}
@@ -145,12 +150,15 @@ def run(args) -> Dict:
                 em.set_mode(mode)
                 acc = scoring.LossByPosition(longest)
                 for n in lengths:
-                    for ids in valid[n]:
+                    for ids in shard.shard(valid[n]):
                         acc.add(scoring.token_losses(em, ids))
-                        bar.update()
+                        step()
+                acc.sums = shard.all_sum(acc.sums, em.device)
+                acc.counts = shard.all_sum(acc.counts, em.device)
                 results["perplexity"][mode] = acc.perplexity(
                     scoring.position_buckets(longest, em.block_size))
-            figures.append(report.plot_perplexity(results["perplexity"], args.out))
+            if rank == 0:
+                figures.append(report.plot_perplexity(results["perplexity"], args.out))
 
         if "retrieval" in args.tasks:
             em.set_mode("sparse" if em.msa_layers else "dense")
@@ -162,18 +170,23 @@ def run(args) -> Dict:
                         examples = tasks.synthetic_examples(task, n, args.num_examples, args.seed,
                                                             count)
                     except tasks.TooShort as err:
-                        bar.write(f"msa-eval: skipped: {err}")
+                        if rank == 0:
+                            bar.write(f"msa-eval: skipped: {err}")
                         bar.update(args.num_examples)
                         continue
                     hits = 0
-                    for ex in examples:
+                    for ex in shard.shard(examples):
                         hits += scoring.score_answer(em, em.tokenizer.tokenize(ex.prompt),
                                                      em.tokenizer.tokenize(ex.answer)).correct
-                        bar.update()
+                        step()
+                    hits = int(shard.all_sum([hits], em.device)[0])
                     per[str(n)] = {"accuracy": hits / len(examples), "n": len(examples)}
-            figures.append(report.plot_retrieval(results["retrieval"], args.out))
+            if rank == 0:
+                figures.append(report.plot_retrieval(results["retrieval"], args.out))
 
         if "recall" in args.tasks and em.msa_layers:
+            # Not sharded: the recall and KL trackers reduce over all ranks in every call, so each
+            # rank runs every sequence (the sums scale by the world size, the ratios do not).
             em.set_mode("sparse")
             by_length = {}
             for n in lengths:
@@ -184,23 +197,26 @@ def run(args) -> Dict:
                 by_length[str(n)] = scoring.average_layers(runs)
             results["recall"] = by_length[str(max(lengths))]
             results["recall_by_length"] = by_length
-            figures.append(report.plot_recall(results["recall"], args.out))
+            if rank == 0:
+                figures.append(report.plot_recall(results["recall"], args.out))
 
         if task_files:
             em.set_mode("sparse" if em.msa_layers else "dense")
             results["tasks"] = {}
             for name, examples in task_files.items():
                 scores = []
-                for ex in examples:
+                for ex in shard.shard(examples):
                     scores.append(scoring.score_answer(em, em.tokenizer.tokenize(ex.prompt),
                                                        em.tokenizer.tokenize(ex.answer)))
-                    bar.update()
+                    step()
+                correct, logprob = shard.all_sum([sum(s.correct for s in scores),
+                                                  sum(s.mean_logprob for s in scores)], em.device)
                 results["tasks"][name] = {
-                    "accuracy": sum(s.correct for s in scores) / len(scores), "n": len(scores),
-                    "mean_answer_logprob": sum(s.mean_logprob for s in scores) / len(scores)}
+                    "accuracy": float(correct) / len(examples), "n": len(examples),
+                    "mean_answer_logprob": float(logprob) / len(examples)}
         bar.close()
 
-        if "patterns" in args.tasks and em.msa_layers:
+        if "patterns" in args.tasks and em.msa_layers and rank == 0:
             from msa_train.metrics.pattern import plot_selection
 
             ids = valid[longest][0][:-1]
@@ -211,10 +227,11 @@ def run(args) -> Dict:
     finally:
         checkpoint.close()
 
-    report.write_json(results, args.out)
-    report.write_markdown(results, args.out, figures)
-    if args.wandb:
-        _log_wandb(args, results, figures)
+    if rank == 0:
+        report.write_json(results, args.out)
+        report.write_markdown(results, args.out, figures)
+        if args.wandb:
+            _log_wandb(args, results, figures)
     return results
 
 
@@ -245,8 +262,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"msa-eval: {err}", file=sys.stderr)
         return 2
-    print(f"msa-eval: wrote {os.path.join(args.out, 'results.json')} and results.md "
-          f"(iteration {results['iteration']})")
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank (the group is closed by now)
+        print(f"msa-eval: wrote {os.path.join(args.out, 'results.json')} and results.md "
+              f"(iteration {results['iteration']})")
     return 0
 
 

@@ -98,6 +98,9 @@ class AttentionConfig:
     local_window: int = 0  # ablation C.2: force the w blocks before the local one
     index_norm: bool = False  # per-head RMSNorm on q_idx / k_idx (MiniMax-M3)
     index_rope: bool = False  # main branch's partial RoPE on q_idx / k_idx (MiniMax-M3)
+    # Stop-gradient on the index branch's input (the paper's sg(X)): the KL trains only the index
+    # projections. false = ablation: the KL's gradient also reaches the backbone through X.
+    index_stop_grad: bool = True
     # Paper Fig. 3 recall metrics are computed on demand (how often: logging.recall_interval) on
     # at most `recall_num_queries` sampled query tokens per layer.
     recall_num_queries: int = 256

@@ -50,6 +50,7 @@ class MSAIndexer(MegatronModule):
         self.tp_group = pg_collection.tp
         self.tp_size = self.tp_group.size()
         self.index_dim = config.msa_index_dim
+        self.stop_grad = bool(getattr(config, "msa_index_stop_grad", True))
         if config.num_query_groups % self.tp_size != 0:
             raise ValueError(
                 f"model.num_query_groups ({config.num_query_groups}) must be divisible by "
@@ -57,6 +58,11 @@ class MSAIndexer(MegatronModule):
             )
         self.groups_per_rank = config.num_query_groups // self.tp_size
         self.sequence_parallel = bool(config.sequence_parallel) and self.tp_size > 1
+        if not self.stop_grad and self.sequence_parallel:
+            # Under SP the gathered input's gradient would mix per-rank (q) and TP-summed (k)
+            # parts; the ablation does not need that layout.
+            raise ValueError("attention.index_stop_grad=false (ablation) does not support "
+                             "parallel.sequence_parallel=true; use sequence_parallel=false or tp=1")
         self.linear_qi = ColumnParallelLinear(
             config.hidden_size,
             config.num_query_groups * self.index_dim,
@@ -104,7 +110,8 @@ class MSAIndexer(MegatronModule):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """x [s(/TP under SP), b, h] (layer input after the input norm) ->
         q_idx [s, b, Hkv/TP, Di], k_idx [s, b, Di]."""
-        x = x.detach()  # stop-gradient: the KL must not reach the backbone
+        if self.stop_grad:
+            x = x.detach()  # stop-gradient: the KL must not reach the backbone
         if self.sequence_parallel:
             x = gather_from_sequence_parallel_region(x, False, group=self.tp_group)
         s, b = x.shape[0], x.shape[1]

@@ -31,6 +31,7 @@ class MSATransformerConfig(TransformerConfig):
     msa_local_window: int = 0
     msa_index_norm: bool = False
     msa_index_rope: bool = False
+    msa_index_stop_grad: bool = True
     msa_recall_num_queries: int = 256
     msa_deterministic: bool = False
     msa_kernels: str = "auto"  # AttentionConfig.kernels: the msa_kernels backend
@@ -178,6 +179,7 @@ def build_transformer_config(
         msa_local_window=attn_cfg.local_window,
         msa_index_norm=attn_cfg.index_norm,
         msa_index_rope=attn_cfg.index_rope,
+        msa_index_stop_grad=attn_cfg.index_stop_grad,
         msa_recall_num_queries=attn_cfg.recall_num_queries,
         msa_deterministic=attn_cfg.deterministic,
         msa_kernels=attn_cfg.kernels,

@@ -175,3 +175,34 @@ def test_missing_checkpoint_and_too_long_lengths_name_the_problem(run_dir, tmp_p
     assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr[-2000:]
     r = _eval(run_dir, tmp_path / "out2", "--tasks", "ppl", "--lengths", "9999999", tmp=tmp_path)
     assert r.returncode == 2 and "max_position_embeddings" in r.stderr, r.stderr[-2000:]
+
+
+def test_data_parallel_eval_under_torchrun_matches_one_process(run_dir, tmp_path):
+    """torchrun, 2 CPU ranks (gloo): each rank scores every other sequence and example; the
+    gathered results equal the single-process ones, and only rank 0 writes."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = ["--tasks", "ppl,retrieval,recall", "--lengths", "64,160", "--num-samples", "3",
+            "--num-examples", "3", "--retrieval-tasks", "needle,multikey", "--device", "cpu"]
+    one = _eval(run_dir, tmp_path / "one", *args, tmp=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "msa_train.eval.cli",
+         str(run_dir), "--out", str(tmp_path / "two"), *args],
+        env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert two.stdout.count("msa-eval: wrote") == 1  # rank 0 only
+    a = json.loads((tmp_path / "one" / "results.json").read_text())
+    b = json.loads((tmp_path / "two" / "results.json").read_text())
+    for mode in ("sparse", "dense"):
+        pa, pb = a["perplexity"][mode], b["perplexity"][mode]
+        assert pb["overall"] == pytest.approx(pa["overall"], rel=1e-6)
+        assert [x["ppl"] for x in pb["by_position"]] == pytest.approx(
+            [x["ppl"] for x in pa["by_position"]], rel=1e-6)
+    assert b["retrieval"] == a["retrieval"]
+    for layer, r in a["recall"].items():
+        assert b["recall"][layer] == pytest.approx(r, rel=1e-5)
