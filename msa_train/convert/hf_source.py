@@ -22,8 +22,6 @@ def read_config(directory: str) -> Dict[str, Any]:
         raise ConversionError(f"{directory} has no config.json: pass a Hugging Face model directory")
     with open(path) as fh:
         cfg = json.load(fh)
-    if "text_config" in cfg and "num_hidden_layers" not in cfg:
-        raise ConversionError(f"{path} nests a text_config (a multimodal model): not supported")
     return cfg
 
 

@@ -56,6 +56,20 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 1e-3
     moe_token_dispatcher_type: str = "alltoall"
     moe_grouped_gemm: bool = False
+    # Sigmoid routing extras (DeepSeek-V3 / MiniMax-M3): a per-expert score-correction bias added
+    # for the top-k choice only (updated by load, not by gradients), and a scale on the routed
+    # weights after their renormalisation (M3: 2.0).
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    moe_router_topk_scaling_factor: Optional[float] = None
+    # Every RMSNorm weight (hidden, q/k and index norms) stored as an offset from one (Gemma-style,
+    # MiniMax-M3): the norm multiplies by 1 + w, and w starts at zero.
+    norm_zero_centered: bool = False
+    # Gated MLP activation: "swiglu" = silu(gate) * up; "swigluoai" = the clamped GPT-OSS form
+    # (MiniMax-M3): gate clamped above at activation_clamp, up clamped to +-activation_clamp,
+    # gate * sigmoid(1.702 gate) * (up + 1). Dense MLPs, routed and shared experts alike.
+    activation: str = "swiglu"
+    activation_clamp: float = 7.0
 
     def __post_init__(self) -> None:
         validate_model_config(self)
@@ -146,6 +160,13 @@ def validate_model_config(cfg: ModelConfig) -> None:
         raise ValueError(f"model.rope_scaling_factor must be > 0, got {cfg.rope_scaling_factor}")
     if cfg.normalization not in ("RMSNorm", "LayerNorm"):
         raise ValueError(f"model.normalization must be RMSNorm or LayerNorm, got {cfg.normalization!r}")
+    if cfg.activation not in ("swiglu", "swigluoai"):
+        raise ValueError(f"model.activation must be 'swiglu' or 'swigluoai', got {cfg.activation!r}")
+    if cfg.activation == "swigluoai" and not cfg.gated_linear_unit:
+        raise ValueError("model.activation=swigluoai is a gated activation: set "
+                         "model.gated_linear_unit=true")
+    if not cfg.activation_clamp > 0:
+        raise ValueError(f"model.activation_clamp must be > 0, got {cfg.activation_clamp}")
     if cfg.num_moe_experts is not None:
         _positive(cfg, "num_moe_experts", "model")
         _positive(cfg, "moe_router_topk", "model")
@@ -166,6 +187,9 @@ def validate_model_config(cfg: ModelConfig) -> None:
             raise ValueError(
                 f"model.moe_first_k_dense must be in [0, num_layers], got {cfg.moe_first_k_dense}"
             )
+        if cfg.moe_router_enable_expert_bias and cfg.moe_router_score_function != "sigmoid":
+            raise ValueError("model.moe_router_enable_expert_bias needs "
+                             "model.moe_router_score_function=sigmoid")
 
 
 def validate_attention_config(cfg: AttentionConfig) -> None:
