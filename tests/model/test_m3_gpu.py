@@ -14,7 +14,7 @@ from tests.trainer.helpers import read_metrics, run_train
 pytestmark = pytest.mark.gpu
 
 PROXY = ["model=minimax_m3_proxy", "attention=minimax_m3_proxy", "attention.mode=sparse",
-         "stage.run=sparse", "train.device=cuda", "train.precision=bf16", "data=stdlib",
+         "stage.run=sparse", "stage.warmup.tokens=0", "train.device=cuda", "train.precision=bf16", "data=stdlib",
          "logging=none", "logging.log_interval=1", "logging.plot_at_end=false",
          "checkpoint.save=null", "train.micro_batch_size=1", "train.global_batch_size=1",
          "train.lr=3.0e-4", "train.min_lr=3.0e-4", "train.lr_warmup_steps=1",
