@@ -4,8 +4,7 @@ Layout read: config.json nests the text model in `text_config` (a flat config.js
 its weights live under `language_model.model.*`, the output layer is `language_model.lm_head`.
 Vision tensors (anything outside `language_model.`) are left out with one note; the multi-token
 prediction modules (`language_model.model.mtp.*`, or layers past num_hidden_layers) are left out
-with a warning: this project does not build MTP (megatron-core builds it only with
-Transformer Engine layers).
+with a warning: msa-train does not build MTP modules (no MTP loss in the trainer yet).
 
 Architecture: every RMSNorm zero-centred (Gemma-style, stored as an offset from one), per-head
 q/k norm, partial RoPE (`rotary_dim` of `head_dim`), dense MLP on the first layers then MoE with
