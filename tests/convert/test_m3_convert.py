@@ -109,6 +109,26 @@ def test_bf16_import_keeps_the_expert_bias_fp32(m3):
     assert reader.load("decoder.layers.2.mlp.router.weight").dtype == torch.bfloat16
 
 
+def test_config_round_trip():
+    from msa_train.convert.families import FAMILIES, family_for_config
+    from msa_train.convert.importer import model_config_from_hf
+    from msa_train.model.config import AttentionConfig
+
+    family = FAMILIES["minimax_m3"]
+    cfg = ref.vl_config()
+    assert family_for_config(cfg) is family
+    assert family_for_config({"architectures": [family.architecture]}) is family
+    m = model_config_from_hf(cfg)
+    assert model_config_from_hf(family.to_hf(m)) == m  # flat text config reads the same
+    attn = AttentionConfig(**family.to_attention(cfg))
+    wrapped = family.wrap_hf(family.to_hf(m), attn, cfg)
+    assert model_config_from_hf(wrapped) == m
+    assert wrapped["text_config"]["sparse_attention_config"] == cfg["text_config"]["sparse_attention_config"]
+    sink = ref.vl_config(sparse_attention_config=dict(sparse_init_block=1, sparse_local_block=3))
+    a = family.to_attention(sink)
+    assert a["force_sink"] and a["local_window"] == 2
+
+
 def _convert(tmp_path, cfg, weights, **kw):
     hf_dir = ref.write_checkpoint(str(tmp_path / "hf"), cfg, weights)
     return import_hf(hf_dir, str(tmp_path / "out"), dtype="fp32", progress=False, **kw)
