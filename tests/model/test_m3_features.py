@@ -101,3 +101,21 @@ def test_sigmoid_routing_with_expert_bias_and_scaling(m3_model):
 def test_bad_fields_name_the_fix(fields, message):
     with pytest.raises(ValueError, match=message):
         _cfgs(**fields)
+
+
+def test_documented_m3_parameter_counts():
+    from msa_train.model.flops import count_parameters
+    from tests.model.test_config import load
+
+    m3, attn = load("model", "minimax_m3", ModelConfig), load("attention", "m3", AttentionConfig)
+    counts = count_parameters(m3, attn)
+    assert counts.total == 426_174_565_632  # ~428B as published (vocabulary assumed 200064)
+    assert counts.active - counts.embedding == 23_504_080_128  # ~23B active
+    proxy = load("model", "minimax_m3_proxy", ModelConfig)
+    proxy_attn = load("attention", "minimax_m3_proxy", AttentionConfig)
+    assert proxy_attn.layer_mask(proxy.num_layers) == [0, 1, 1] and proxy.moe_layout() == [0, 1, 1]
+    for field in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                  "kv_channels", "rotary_percent", "moe_ffn_hidden_size", "activation",
+                  "moe_shared_expert_intermediate_size", "moe_router_topk_scaling_factor",
+                  "norm_zero_centered", "moe_router_enable_expert_bias", "hf_family"):
+        assert getattr(proxy, field) == getattr(m3, field), field
