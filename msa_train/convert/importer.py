@@ -8,11 +8,11 @@ directory, then renamed).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import shutil
 import tempfile
 import time
+import warnings
 import zlib
 from typing import Any, Dict, List, Optional
 
@@ -67,15 +67,15 @@ def _producer(item: Item, src: HFSource, model: ModelConfig, shape, seed: int):
     return make
 
 
-def skipped_tensors(family: Family, src: HFSource, model: ModelConfig) -> Dict[str, int]:
-    """How many Hugging Face tensors the table leaves out on purpose, per reason (vision, mtp)."""
-    counts: Dict[str, int] = {}
+def skipped_tensors(family: Family, src: HFSource, model: ModelConfig) -> Dict[str, List[str]]:
+    """The Hugging Face tensors the table leaves out on purpose, per reason (vision, mtp)."""
+    out: Dict[str, List[str]] = {}
     if family.skip is not None:
-        for key in src.keys():
+        for key in sorted(src.keys()):
             reason = family.skip(key, model.num_layers)
             if reason:
-                counts[reason] = counts.get(reason, 0) + 1
-    return counts
+                out.setdefault(reason, []).append(key)
+    return out
 
 
 _SKIP_NOTES = {
@@ -85,9 +85,12 @@ _SKIP_NOTES = {
 }
 
 
-def skip_notes(skipped: Dict[str, int]) -> List[str]:
-    return [_SKIP_NOTES.get(reason, "{n} %s tensors left out" % reason).format(n=n)
-            for reason, n in sorted(skipped.items())]
+def skip_notes(skipped: Dict[str, List[str]]) -> List[str]:
+    notes = []
+    for reason, keys in sorted(skipped.items()):
+        text = _SKIP_NOTES.get(reason, "{n} %s tensors left out" % reason).format(n=len(keys))
+        notes.append(f"{text} (e.g. {', '.join(keys[:2])})")
+    return notes
 
 
 def check_plan(items: List[Item], src: HFSource, model: ModelConfig, expected: Dict[str, tuple],
@@ -167,8 +170,8 @@ def import_hf(hf_dir: str, out_dir: str, attention: Optional[str] = None, dtype:
     fresh = check_plan(items, src, model, expected, family.name, skip=family.skip)
     skipped = skipped_tensors(family, src, model)
     notes = skip_notes(skipped)
-    for note in notes:
-        logging.getLogger(__name__).warning(note)
+    for note in notes:  # msa-convert prints the notes itself (it silences Python warnings)
+        warnings.warn(note, stacklevel=2)
 
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
@@ -198,7 +201,7 @@ def import_hf(hf_dir: str, out_dir: str, attention: Optional[str] = None, dtype:
             "hf_config": hf_cfg,
             "tokenizer": converted.TOKENIZER_DIR if tokenizer else None,
             "fresh": fresh,
-            "skipped": skipped,
+            "skipped": {reason: len(keys) for reason, keys in skipped.items()},
             "notes": notes,
             "num_tensors": len(specs),
             "seconds": round(time.time() - start, 2),
