@@ -152,3 +152,16 @@ def test_bad_checkpoints_are_refused_naming_the_cause(tmp_path, megatron_1rank, 
     with pytest.raises(ConversionError, match=message.replace("(", r"\(").replace(")", r"\)")):
         _convert(tmp_path, cfg, weights, **kw)
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_cli_prints_the_left_out_tensors(m3, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "msa_train.convert.cli", "import-hf", m3["hf_dir"],
+                           str(tmp_path / "cli")], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "msa-convert: WARNING: 2 multi-token-prediction (MTP) tensors left out" in proc.stderr
+    assert "msa-convert: 2 vision-tower tensors left out" in proc.stderr
+    assert "minimax_m3 -> " in proc.stdout and "0 fresh index-branch tensors" in proc.stdout
