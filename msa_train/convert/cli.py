@@ -56,7 +56,9 @@ def main(argv=None) -> None:
                   f"tensors, {len(manifest['fresh'])} fresh index-branch tensors, "
                   f"tokenizer: {'kept' if manifest['tokenizer'] else 'none'}, "
                   f"{manifest['seconds']} s)")
-            print(f"train it: msa-train experiment=cpt_from_hf checkpoint.init_from="
+            # MiniMax-M3 brings a trained indexer: its recipe starts in the sparse stage.
+            recipe = "m3_cpt" if manifest["family"] == "minimax_m3" else "cpt_from_hf"
+            print(f"train it: msa-train experiment={recipe} checkpoint.init_from="
                   f"{os.path.abspath(args.out_dir)} data.paths=[...]")
         else:
             from msa_train.convert.exporter import export_hf

@@ -165,3 +165,4 @@ def test_cli_prints_the_left_out_tensors(m3, tmp_path):
     assert "msa-convert: WARNING: 2 multi-token-prediction (MTP) tensors left out" in proc.stderr
     assert "msa-convert: 2 vision-tower tensors left out" in proc.stderr
     assert "minimax_m3 -> " in proc.stdout and "0 fresh index-branch tensors" in proc.stdout
+    assert "msa-train experiment=m3_cpt checkpoint.init_from=" in proc.stdout
