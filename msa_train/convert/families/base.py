@@ -74,6 +74,8 @@ def layer_features(model: ModelConfig, attn, layer: int) -> FrozenSet[str]:
     feats.add("moe" if model.moe_layout()[layer] else "dense_mlp")
     if model.moe_layout()[layer] and model.moe_shared_expert_intermediate_size:
         feats.add("moe_shared")
+    if model.moe_layout()[layer] and model.moe_router_enable_expert_bias:
+        feats.add("moe_expert_bias")
     if model.qk_layernorm:
         feats.add("qk_norm")
     if model.add_qkv_bias:

@@ -31,7 +31,7 @@ SWIGLU_ALPHA = 1.702
 MOE = (
     Rule(L + "mlp.router.weight", (H + "block_sparse_moe.gate.weight",), when="moe"),
     Rule(L + "mlp.router.expert_bias", (H + "block_sparse_moe.e_score_correction_bias",),
-         when="moe", fp32=True),
+         when="moe_expert_bias", fp32=True),
     Rule(L + "mlp.experts.experts.linear_fc1.weight",
          (H + "block_sparse_moe.experts.{e}.w1.weight", H + "block_sparse_moe.experts.{e}.w3.weight"),
          kind="experts_gate_up", when="moe"),
