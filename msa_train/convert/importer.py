@@ -21,7 +21,7 @@ import torch
 from msa_train.convert import converted, tensors
 from msa_train.convert.families import family_for_config
 from msa_train.convert.families.base import ConversionError, Family
-from msa_train.convert.hf_source import HFSource, copy_tokenizer, read_config
+from msa_train.convert.hf_source import HFSource, copy_tokenizer, fp8_block_size, read_config
 from msa_train.convert.plan import Item, check_head_counts, expand_rules, megatron_shapes, meta
 from msa_train.model.config import AttentionConfig, ModelConfig
 
@@ -164,7 +164,7 @@ def import_hf(hf_dir: str, out_dir: str, attention: Optional[str] = None, dtype:
     else:
         attention = attention or "paper"
         attn = converted.load_attention(attention)
-    src = HFSource(hf_dir)
+    src = HFSource(hf_dir, fp8_block=fp8_block_size(hf_cfg))
     items = expand_rules(family, model, attn)
     expected = megatron_shapes(model, attn)
     fresh = check_plan(items, src, model, expected, family.name, skip=family.skip)

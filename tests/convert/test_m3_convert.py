@@ -166,3 +166,33 @@ def test_cli_prints_the_left_out_tensors(m3, tmp_path):
     assert "msa-convert: 2 vision-tower tensors left out" in proc.stderr
     assert "minimax_m3 -> " in proc.stdout and "0 fresh index-branch tensors" in proc.stdout
     assert "msa-train experiment=m3_cpt checkpoint.init_from=" in proc.stdout
+
+
+def test_fp8_block_quantized_checkpoint_imports_dequantized(tmp_path, megatron_1rank):
+    """Block-wise fp8 weights (weight + weight_scale_inv, quantization_config.weight_block_size)
+    are dequantized on read; the scales are not tensors of their own."""
+    from msa_train.convert.dcp_io import CheckpointReader
+    from msa_train.trainer.ckpt_layout import iteration_dir
+
+    cfg = ref.vl_config()
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [4, 8]}
+    weights = ref.random_weights(cfg, seed=4, mtp=False, vision=False)
+    stored, expected = dict(weights), {}
+    for key in [k for k in weights if ".layers.2.block_sparse_moe.experts." in k]:
+        w = weights[key]
+        rows, cols = -(-w.shape[0] // 4), -(-w.shape[1] // 8)  # ceil: odd sizes leave partial blocks
+        scale = torch.rand(rows, cols) * 0.01 + 0.001
+        q = (w / scale.repeat_interleave(4, 0)[: w.shape[0]].repeat_interleave(8, 1)[:, : w.shape[1]])
+        stored[key] = q.to(torch.float8_e4m3fn)
+        stored[key + "_scale_inv"] = scale
+        expected[key] = stored[key].float() * scale.repeat_interleave(4, 0)[: w.shape[0]].repeat_interleave(8, 1)[:, : w.shape[1]]
+    manifest = _convert(tmp_path, cfg, stored)
+    assert manifest["skipped"] == {}
+    reader = CheckpointReader(iteration_dir(str(tmp_path / "out"), 0))
+    fc1 = reader.load("decoder.layers.2.mlp.experts.experts.linear_fc1.weight")
+    e = "language_model.model.layers.2.block_sparse_moe.experts.3."
+    assert torch.equal(fc1[3], torch.cat([expected[e + "w1.weight"], expected[e + "w3.weight"]]))
+    # Without the quantization_config the scales are refused, naming one.
+    del cfg["quantization_config"]
+    with pytest.raises(ConversionError, match="weight_scale_inv"):
+        _convert(tmp_path / "b", cfg, stored)
