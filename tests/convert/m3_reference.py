@@ -50,7 +50,8 @@ def vl_config(**text_overrides) -> Dict:
             "vision_config": {"hidden_size": 8, "num_hidden_layers": 1}, "eos_token_id": 2}
 
 
-def random_weights(cfg: Dict, seed: int = 0, mtp: bool = True, vision: bool = True) -> Dict[str, torch.Tensor]:
+def random_weights(cfg: Dict, seed: int = 0, mtp: bool = True,
+                   vision: bool = True) -> Dict[str, torch.Tensor]:
     t = cfg["text_config"]
     g = torch.Generator().manual_seed(seed)
 
@@ -179,8 +180,10 @@ def _forward_one(cfg, W, tokens, sparse):
     for i in range(t["num_hidden_layers"]):
         L = f"{p}layers.{i}."
         a = gemma_rms(x, W[L + "input_layernorm.weight"], eps)
-        q = gemma_rms((a @ W[L + "self_attn.q_proj.weight"].T).view(n, hq, d), W[L + "self_attn.q_norm.weight"], eps)
-        k = gemma_rms((a @ W[L + "self_attn.k_proj.weight"].T).view(n, hkv, d), W[L + "self_attn.k_norm.weight"], eps)
+        q = (a @ W[L + "self_attn.q_proj.weight"].T).view(n, hq, d)
+        k = (a @ W[L + "self_attn.k_proj.weight"].T).view(n, hkv, d)
+        q = gemma_rms(q, W[L + "self_attn.q_norm.weight"], eps)
+        k = gemma_rms(k, W[L + "self_attn.k_norm.weight"], eps)
         v = (a @ W[L + "self_attn.v_proj.weight"].T).view(n, hkv, d)
         q, k = rope(q, rot, theta), rope(k, rot, theta)
         allowed = causal[None].expand(hkv, n, n)
@@ -188,7 +191,8 @@ def _forward_one(cfg, W, tokens, sparse):
             di = sp["sparse_index_dim"]
             qi = gemma_rms((a @ W[L + "self_attn.index_q_proj.weight"].T).view(n, hkv, di),
                            W[L + "self_attn.index_q_norm.weight"], eps)
-            ki = gemma_rms(a @ W[L + "self_attn.index_k_proj.weight"].T, W[L + "self_attn.index_k_norm.weight"], eps)
+            ki = gemma_rms(a @ W[L + "self_attn.index_k_proj.weight"].T,
+                           W[L + "self_attn.index_k_norm.weight"], eps)
             qi, ki = rope(qi, rot, theta), rope(ki[:, None], rot, theta)[:, 0]
             allowed = _selected_mask(qi, ki, sp)
         group = torch.arange(hq) // (hq // hkv)
@@ -200,7 +204,8 @@ def _forward_one(cfg, W, tokens, sparse):
         if t["moe_layer_freq"][i]:
             B = L + "block_sparse_moe."
             s = torch.sigmoid(m @ W[B + "gate.weight"].T)
-            top = torch.topk(s + W[B + "e_score_correction_bias"], t["num_experts_per_tok"], dim=-1).indices
+            choice = s + W[B + "e_score_correction_bias"]  # the bias steers the choice only
+            top = torch.topk(choice, t["num_experts_per_tok"], dim=-1).indices
             wts = s.gather(-1, top)
             wts = wts / wts.sum(-1, keepdim=True) * t["routed_scaling_factor"]
             y = _mlp(m, W[B + "shared_experts.gate_proj.weight"], W[B + "shared_experts.up_proj.weight"],
@@ -210,6 +215,7 @@ def _forward_one(cfg, W, tokens, sparse):
                 y = y + wt * _mlp(m, W[B + f"experts.{e}.w1.weight"], W[B + f"experts.{e}.w3.weight"],
                                   W[B + f"experts.{e}.w2.weight"], limit)
         else:
-            y = _mlp(m, W[L + "mlp.gate_proj.weight"], W[L + "mlp.up_proj.weight"], W[L + "mlp.down_proj.weight"], limit)
+            y = _mlp(m, W[L + "mlp.gate_proj.weight"], W[L + "mlp.up_proj.weight"],
+                     W[L + "mlp.down_proj.weight"], limit)
         x = x + y
     return gemma_rms(x, W[p + "norm.weight"], eps) @ W["language_model.lm_head.weight"].T

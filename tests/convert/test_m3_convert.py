@@ -123,7 +123,8 @@ def test_config_round_trip():
     attn = AttentionConfig(**family.to_attention(cfg))
     wrapped = family.wrap_hf(family.to_hf(m), attn, cfg)
     assert model_config_from_hf(wrapped) == m
-    assert wrapped["text_config"]["sparse_attention_config"] == cfg["text_config"]["sparse_attention_config"]
+    sparse = cfg["text_config"]["sparse_attention_config"]
+    assert wrapped["text_config"]["sparse_attention_config"] == sparse
     sink = ref.vl_config(sparse_attention_config=dict(sparse_init_block=1, sparse_local_block=3))
     a = family.to_attention(sink)
     assert a["force_sink"] and a["local_window"] == 2
@@ -182,10 +183,10 @@ def test_fp8_block_quantized_checkpoint_imports_dequantized(tmp_path, megatron_1
         w = weights[key]
         rows, cols = -(-w.shape[0] // 4), -(-w.shape[1] // 8)  # ceil: odd sizes leave partial blocks
         scale = torch.rand(rows, cols) * 0.01 + 0.001
-        q = (w / scale.repeat_interleave(4, 0)[: w.shape[0]].repeat_interleave(8, 1)[:, : w.shape[1]])
-        stored[key] = q.to(torch.float8_e4m3fn)
+        full = scale.repeat_interleave(4, 0)[: w.shape[0]].repeat_interleave(8, 1)[:, : w.shape[1]]
+        stored[key] = (w / full).to(torch.float8_e4m3fn)
         stored[key + "_scale_inv"] = scale
-        expected[key] = stored[key].float() * scale.repeat_interleave(4, 0)[: w.shape[0]].repeat_interleave(8, 1)[:, : w.shape[1]]
+        expected[key] = stored[key].float() * full
     manifest = _convert(tmp_path, cfg, stored)
     assert manifest["skipped"] == {}
     reader = CheckpointReader(iteration_dir(str(tmp_path / "out"), 0))
