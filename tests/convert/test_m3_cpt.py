@@ -35,7 +35,8 @@ def test_m3_cpt_rewarmup_then_sparse(imported, tmp_path):
                         f"checkpoint.save={tmp_path / 'save'}"], str(tmp_path / "run"))
     out = result.stdout
     # Every imported tensor (index branch and expert biases included) loads; nothing is fresh.
-    assert f"init_from {imported}/iter_0000000: loaded 55 tensors" in out, out[-3000:]
+    # 79 = the 55 written, with the 6 routed-expert stacks counted per expert (5 x 6 = 30).
+    assert f"init_from {imported}/iter_0000000: loaded 79 tensors" in out, out[-3000:]
     assert "added (freshly initialized" not in out
     assert "stage warmup: attention=dense" in out and "stage sparse: attention=sparse" in out
     records = read_metrics(str(tmp_path / "run"))
