@@ -1,5 +1,6 @@
-"""experiment=m3_cpt on a tiny imported M3 checkpoint (CPU): the indexer re-warmup (backbone
-frozen, dense KL) then the sparse stage with the imported indexer live, a few steps each."""
+"""experiment=m3_cpt on a tiny imported M3 checkpoint (CPU): the default (sparse from the first
+step, the imported indexer live) and with the optional indexer re-warmup (backbone frozen, dense
+KL) first; a few steps each."""
 
 import math
 
@@ -26,7 +27,7 @@ def imported(tmp_path_factory, megatron_1rank):
 
 # The recipe with the cluster groups swapped for this machine's.
 CPU = ["experiment=m3_cpt", "parallel=single", "train=tiny_cpu", "data=stdlib", "logging=none",
-       "checkpoint=default", "cluster=local", "stage.run=both", "stage.warmup.lr_warmup_steps=1",
+       "checkpoint=default", "cluster=local", "stage.warmup.lr_warmup_steps=1",
        "stage.sparse.lr_warmup_steps=1", *SMALL]
 
 
@@ -44,3 +45,12 @@ def test_m3_cpt_rewarmup_then_sparse(imported, tmp_path):
     assert stages.count("dense") == 3 and stages.count("sparse") == 3, stages
     for r in records:
         assert math.isfinite(r["train/lm_loss"]) and math.isfinite(r["train/indexer_kl"])
+
+
+def test_m3_cpt_default_trains_sparse_from_the_first_step(imported, tmp_path):
+    result = run_train([*CPU, "stage.warmup.tokens=0", f"checkpoint.init_from={imported}",
+                        "checkpoint.save=null"], str(tmp_path / "run"))
+    assert "stage warmup" not in result.stdout, result.stdout[-3000:]
+    records = read_metrics(str(tmp_path / "run"))
+    assert [r["stage"] for r in records] == ["sparse"] * 3
+    assert [r["step"] for r in records] == [1, 2, 3]

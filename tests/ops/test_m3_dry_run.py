@@ -14,6 +14,6 @@ def test_m3_cpt_recipe_fits_256_h100(tmp_path):
     text = out.getvalue()
     assert "TP 2 x CP 2 x PP 4 x DP 16" in text and "MoE: EP 16" in text
     assert "sparse  attention=sparse trainable=all" in text
-    assert "warmup" in text and "(not run by this job)" in text  # starts in the sparse stage
+    assert "warmup  attention=dense  trainable=indexer_only 0 tokens" in text  # sparse from step 0
     assert report["params_total"] == 426_174_565_632
     assert report["fits"] and report["memory_total_gib"] < 72, report["memory_total_gib"]
