@@ -49,7 +49,7 @@ def test_m3_cpt_rewarmup_then_sparse(imported, tmp_path):
 
 def test_m3_cpt_default_trains_sparse_from_the_first_step(imported, tmp_path):
     result = run_train([*CPU, "stage.warmup.tokens=0", f"checkpoint.init_from={imported}",
-                        "checkpoint.save=null"], str(tmp_path / "run"))
+                        f"checkpoint.save={tmp_path / 'save'}"], str(tmp_path / "run"))
     assert "stage warmup" not in result.stdout, result.stdout[-3000:]
     records = read_metrics(str(tmp_path / "run"))
     assert [r["stage"] for r in records] == ["sparse"] * 3
