@@ -49,7 +49,9 @@ LAYER_FIELDS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_qu
                 "kv_channels", "rotary_percent", "rotary_base", "normalization",
                 "gated_linear_unit", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
                 "moe_router_topk", "moe_router_score_function", "moe_router_load_balancing_type",
-                "moe_aux_loss_coeff")
+                "moe_aux_loss_coeff", "qk_layernorm", "norm_zero_centered", "activation",
+                "activation_clamp", "moe_router_enable_expert_bias",
+                "moe_router_topk_scaling_factor")
 
 
 def _default_attention(model_name: str) -> str:

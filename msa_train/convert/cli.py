@@ -19,9 +19,10 @@ def _parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import-hf", help="Hugging Face directory -> msa-train checkpoint")
     imp.add_argument("hf_dir", help="local Hugging Face model directory (config.json + safetensors)")
     imp.add_argument("out_dir", help="new directory for the checkpoint (checkpoint.init_from)")
-    imp.add_argument("--attention", default="paper",
+    imp.add_argument("--attention", default=None,
                      help="attention config whose MSA layer map is applied: a configs/attention "
-                          "name (paper, m3, tiny) or a yaml path (default: paper)")
+                          "name (paper, m3, tiny) or a yaml path (default: paper; MiniMax-M3 "
+                          "checkpoints carry their own and take no --attention)")
     imp.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     imp.add_argument("--seed", type=int, default=1234, help="seed of the fresh index branch")
     exp = sub.add_parser("export-hf", help="msa-train checkpoint -> Hugging Face directory")
@@ -49,11 +50,15 @@ def main(argv=None) -> None:
 
             manifest = import_hf(args.hf_dir, args.out_dir, attention=args.attention,
                                  dtype=args.dtype, seed=args.seed)
+            for note in manifest.get("notes", []):
+                print(f"msa-convert: {note}", file=sys.stderr)
             print(f"msa-convert: {manifest['family']} -> {args.out_dir} ({manifest['num_tensors']} "
                   f"tensors, {len(manifest['fresh'])} fresh index-branch tensors, "
                   f"tokenizer: {'kept' if manifest['tokenizer'] else 'none'}, "
                   f"{manifest['seconds']} s)")
-            print(f"train it: msa-train experiment=cpt_from_hf checkpoint.init_from="
+            # MiniMax-M3 brings a trained indexer: its recipe starts in the sparse stage.
+            recipe = "m3_cpt" if manifest["family"] == "minimax_m3" else "cpt_from_hf"
+            print(f"train it: msa-train experiment={recipe} checkpoint.init_from="
                   f"{os.path.abspath(args.out_dir)} data.paths=[...]")
         else:
             from msa_train.convert.exporter import export_hf

@@ -20,7 +20,7 @@ import torch
 
 from msa_train.convert import converted, tensors
 from msa_train.convert.dcp_io import CheckpointReader
-from msa_train.convert.families import MSA, family_for_model
+from msa_train.convert.families import FAMILIES, MSA, family_for_model
 from msa_train.convert.families.base import ConversionError, Family
 from msa_train.convert.hf_source import copy_tokenizer
 from msa_train.convert.plan import Item, expand_rules
@@ -35,7 +35,9 @@ _STOCK_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_
                  "gated_linear_unit", "qk_layernorm", "add_qkv_bias", "position_embedding_type",
                  "untie_embeddings_and_output_weights", "rope_scaling", "rope_scaling_factor",
                  "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
-                 "moe_shared_expert_intermediate_size", "moe_router_score_function")
+                 "moe_shared_expert_intermediate_size", "moe_router_score_function",
+                 "moe_router_enable_expert_bias", "moe_router_topk_scaling_factor",
+                 "norm_zero_centered", "activation", "activation_clamp")
 
 
 @dataclasses.dataclass
@@ -117,6 +119,8 @@ def hf_config_for(src: Source, family: Family, msa: bool, dtype: torch.dtype) ->
     cfg["architectures"] = [family.architecture]
     cfg["torch_dtype"] = {torch.bfloat16: "bfloat16", torch.float32: "float32",
                           torch.float16: "float16"}[dtype]
+    if family.wrap_hf is not None:
+        return family.wrap_hf(cfg, src.attention, base)
     if msa:
         a = src.attention
         cfg.update(
@@ -199,7 +203,15 @@ def export_hf(ckpt: str, out_dir: str, no_msa: bool = False, dtype: Optional[str
     msa = any(src.attention.layer_mask(model.num_layers)) and not no_msa
     family = MSA if msa else family_for_model(model)
     attn = src.attention if msa else dataclasses.replace(src.attention, layer_map=None, layer_ids=[])
-    if msa:
+    native = FAMILIES.get(model.hf_family or "")
+    if native is not None and native.to_attention is not None:
+        # A family with MSA layers of its own (MiniMax-M3) exports to its own layout.
+        if no_msa:
+            raise ConversionError(f"--no-msa: {native.architecture} has no full-attention "
+                                  "variant; export without --no-msa")
+        family, attn, msa = native, src.attention, False
+        _check_stock(family, model)
+    elif msa:
         family.to_hf(model)  # refuses features the MSA modeling file lacks
     else:
         _check_stock(family, model)
@@ -227,7 +239,7 @@ def export_hf(ckpt: str, out_dir: str, no_msa: bool = False, dtype: Optional[str
         for item in tqdm(items, desc="export-hf", unit="tensor", disable=not progress):
             tensor = reader.load(item.megatron)
             for name, piece in _hf_tensors(item, tensor, model):
-                writer.add(name, piece.to(target))
+                writer.add(name, piece.to(torch.float32 if item.rule.fp32 else target))
             del tensor
         shards = writer.finish()
         cfg = hf_config_for(src, family, msa, target)

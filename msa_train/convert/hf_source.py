@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -22,15 +22,41 @@ def read_config(directory: str) -> Dict[str, Any]:
         raise ConversionError(f"{directory} has no config.json: pass a Hugging Face model directory")
     with open(path) as fh:
         cfg = json.load(fh)
-    if "text_config" in cfg and "num_hidden_layers" not in cfg:
-        raise ConversionError(f"{path} nests a text_config (a multimodal model): not supported")
     return cfg
 
 
-class HFSource:
-    """Lazy tensor access by name; a tensor is read from its (memory-mapped) file when asked."""
+_SCALE_SUFFIX = "_scale_inv"  # block-wise fp8 checkpoints: W.weight + W.weight_scale_inv
 
-    def __init__(self, directory: str):
+
+def fp8_block_size(cfg: Dict[str, Any]) -> Optional[Tuple[int, int]]:
+    """(rows, cols) of a block-wise fp8 checkpoint's scale blocks (DeepSeek-V3 / MiniMax layout:
+    quantization_config.quant_method "fp8", weight_block_size), or None for an unquantized one."""
+    q = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")
+    if not q:
+        return None
+    if q.get("quant_method") != "fp8":
+        raise ConversionError(f"config.json quantization_config.quant_method="
+                              f"{q.get('quant_method')!r}: only block-wise fp8 checkpoints are "
+                              "read; dequantize it to bf16 first")
+    block = q.get("weight_block_size")
+    if not block or len(block) != 2:
+        raise ConversionError("config.json fp8 quantization_config needs a 2-D weight_block_size")
+    return int(block[0]), int(block[1])
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: Tuple[int, int]) -> torch.Tensor:
+    """fp8 [rows, cols] x fp32 per-block scales [ceil(rows/br), ceil(cols/bc)] -> fp32."""
+    rows, cols = weight.shape
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)
+    return weight.float() * scale[:, :cols]
+
+
+class HFSource:
+    """Lazy tensor access by name; a tensor is read from its (memory-mapped) file when asked.
+    Block-wise fp8 weights (fp8_block given) come back dequantized to fp32; their scale tensors
+    are not listed as tensors of their own."""
+
+    def __init__(self, directory: str, fp8_block: Optional[Tuple[int, int]] = None):
         from safetensors import safe_open
 
         self.directory = directory
@@ -58,12 +84,20 @@ class HFSource:
             if missing:
                 raise ConversionError(f"model.safetensors.index.json names tensors no file holds: "
                                       f"{missing[:5]}")
+        self.fp8_block = fp8_block
+        self.scale_of = {k[: -len(_SCALE_SUFFIX)]: k for k in self.file_of
+                         if k.endswith(".weight" + _SCALE_SUFFIX)}
+        self._scales = set(self.scale_of.values())
+        if self.scale_of and fp8_block is None:
+            raise ConversionError(f"{directory} holds fp8 scale tensors (e.g. "
+                                  f"{next(iter(self.scale_of.values()))}) but config.json has no fp8 "
+                                  "quantization_config with weight_block_size")
 
     def keys(self) -> List[str]:
-        return list(self.file_of)
+        return [k for k in self.file_of if k not in self._scales]
 
     def __contains__(self, key: str) -> bool:
-        return key in self.file_of
+        return key in self.file_of and key not in self._scales
 
     def shape(self, key: str) -> Tuple[int, ...]:
         return self._shapes[key]
@@ -74,7 +108,12 @@ class HFSource:
         # Opened per tensor: the file's memory map (and the pages read through it) goes away with
         # the handle, so a whole shard never stays resident.
         with safe_open(os.path.join(self.directory, self.file_of[key]), framework="pt") as handle:
-            return handle.get_tensor(key)
+            tensor = handle.get_tensor(key)
+        if key in self.scale_of:
+            with safe_open(os.path.join(self.directory, self.file_of[self.scale_of[key]]),
+                           framework="pt") as handle:
+                tensor = dequantize_fp8(tensor, handle.get_tensor(self.scale_of[key]), self.fp8_block)
+        return tensor
 
 
 # A directory holds a tokenizer only with one of these (config files alone are not one).

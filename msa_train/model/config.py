@@ -61,11 +61,25 @@ class ModelConfig:
     # torch._grouped_mm GEMMs (msa_train.model.experts) instead of one GEMM per expert.
     moe_grouped_gemm: bool = False
     # fused_activation: Megatron's own torch.compile fusions of SwiGLU (with the MoE routing
-    # weight) and bias-dropout-add, instead of separate elementwise kernels.
+    # weight) and bias-dropout-add, instead of separate elementwise kernels (activation=swiglu).
     fused_activation: bool = False
     # lm_loss: megatron (materialised logits) | chunked (pure torch, any TP) | liger (liger-kernel
     # fused linear cross-entropy, CUDA, TP=1); msa_train.model.lm_loss.
     lm_loss: str = "megatron"
+    # Sigmoid routing extras (DeepSeek-V3 / MiniMax-M3): a per-expert score-correction bias added
+    # for the top-k choice only (updated by load, not by gradients), and a scale on the routed
+    # weights after their renormalisation (M3: 2.0).
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    moe_router_topk_scaling_factor: Optional[float] = None
+    # Every RMSNorm weight (hidden, q/k and index norms) stored as an offset from one (Gemma-style,
+    # MiniMax-M3): the norm multiplies by 1 + w, and w starts at zero.
+    norm_zero_centered: bool = False
+    # Gated MLP activation: "swiglu" = silu(gate) * up; "swigluoai" = the clamped GPT-OSS form
+    # (MiniMax-M3): gate clamped above at activation_clamp, up clamped to +-activation_clamp,
+    # gate * sigmoid(1.702 gate) * (up + 1). Dense MLPs, routed and shared experts alike.
+    activation: str = "swiglu"
+    activation_clamp: float = 7.0
 
     def __post_init__(self) -> None:
         validate_model_config(self)
@@ -163,6 +177,13 @@ def validate_model_config(cfg: ModelConfig) -> None:
         raise ValueError(f"model.lm_loss must be one of {LM_LOSS_IMPLS}, got {cfg.lm_loss!r}")
     if cfg.normalization not in ("RMSNorm", "LayerNorm"):
         raise ValueError(f"model.normalization must be RMSNorm or LayerNorm, got {cfg.normalization!r}")
+    if cfg.activation not in ("swiglu", "swigluoai"):
+        raise ValueError(f"model.activation must be 'swiglu' or 'swigluoai', got {cfg.activation!r}")
+    if cfg.activation == "swigluoai" and not cfg.gated_linear_unit:
+        raise ValueError("model.activation=swigluoai is a gated activation: set "
+                         "model.gated_linear_unit=true")
+    if not cfg.activation_clamp > 0:
+        raise ValueError(f"model.activation_clamp must be > 0, got {cfg.activation_clamp}")
     if cfg.num_moe_experts is not None:
         _positive(cfg, "num_moe_experts", "model")
         _positive(cfg, "moe_router_topk", "model")
@@ -183,6 +204,9 @@ def validate_model_config(cfg: ModelConfig) -> None:
             raise ValueError(
                 f"model.moe_first_k_dense must be in [0, num_layers], got {cfg.moe_first_k_dense}"
             )
+        if cfg.moe_router_enable_expert_bias and cfg.moe_router_score_function != "sigmoid":
+            raise ValueError("model.moe_router_enable_expert_bias needs "
+                             "model.moe_router_score_function=sigmoid")
 
 
 def validate_attention_config(cfg: AttentionConfig) -> None:

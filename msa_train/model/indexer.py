@@ -84,8 +84,11 @@ class MSAIndexer(MegatronModule):
         )
         if config.perform_initialization:
             config.init_method(self.weight_ki.data)
+        # Zero-centred (model.norm_zero_centered): the weight is an offset from one.
+        self.norm_offset = 1.0 if getattr(config, "layernorm_zero_centered_gamma", False) else 0.0
         if config.msa_index_norm:
-            ones = lambda: torch.ones(self.index_dim, dtype=config.params_dtype, device=device)
+            init = torch.zeros if self.norm_offset else torch.ones
+            ones = lambda: init(self.index_dim, dtype=config.params_dtype, device=device)
             self.q_norm_weight = torch.nn.Parameter(ones())
             self.k_norm_weight = torch.nn.Parameter(ones())
         else:
@@ -120,8 +123,11 @@ class MSAIndexer(MegatronModule):
         k_idx = F.linear(x, self.weight_ki)  # [s, b, Di]
         if self.q_norm_weight is not None:
             q_w = all_reduce_grad(self.q_norm_weight, self.tp_group)
+            k_w = self.k_norm_weight
+            if self.norm_offset:
+                q_w, k_w = q_w + self.norm_offset, k_w + self.norm_offset
             q_idx = F.rms_norm(q_idx, (self.index_dim,), q_w, self.eps)
-            k_idx = F.rms_norm(k_idx, (self.index_dim,), self.k_norm_weight, self.eps)
+            k_idx = F.rms_norm(k_idx, (self.index_dim,), k_w, self.eps)
         k_idx = all_reduce_grad(k_idx, self.tp_group)
         return q_idx, k_idx
 

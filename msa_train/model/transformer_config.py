@@ -91,6 +91,16 @@ def _resolve_dtype(params_dtype: Any) -> torch.dtype:
     raise ValueError(f"params_dtype must be one of {sorted(_DTYPES)} or a torch.dtype, got {params_dtype!r}")
 
 
+def _activation_func(m: ModelConfig):
+    """swigluoai = Megatron's quick_gelu GLU (x * sigmoid(1.702 x)) with the clamp and the up + 1
+    offset (glu_linear_offset / activation_func_clamp_value, set by the caller)."""
+    if m.activation == "swigluoai":
+        from megatron.core.fusions.fused_bias_geglu import quick_gelu
+
+        return quick_gelu
+    return F.silu if m.gated_linear_unit else F.gelu
+
+
 def build_transformer_config(
     model_cfg: ModelConfig,
     attn_cfg: AttentionConfig,
@@ -139,15 +149,15 @@ def build_transformer_config(
         layernorm_epsilon=m.norm_epsilon,
         init_method_std=m.init_method_std,
         gated_linear_unit=m.gated_linear_unit,
-        activation_func=F.silu if m.gated_linear_unit else F.gelu,
+        activation_func=_activation_func(m),
         qk_layernorm=m.qk_layernorm,
         add_qkv_bias=m.add_qkv_bias,
         rotary_interleaved=False,
         add_bias_linear=False,  # MoE + bias hits an in-place view error in Megatron
         attention_dropout=0.0,
         hidden_dropout=0.0,
-        # Megatron fuses SwiGLU only (GeLU fusion needs a bias).
-        bias_activation_fusion=m.fused_activation and m.gated_linear_unit,
+        # Megatron fuses SwiGLU (its dense MLP has no fused swigluoai; GeLU fusion needs a bias).
+        bias_activation_fusion=m.fused_activation and m.gated_linear_unit and m.activation == "swiglu",
         bias_dropout_fusion=m.fused_activation,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
@@ -194,6 +204,10 @@ def build_transformer_config(
         gpt_rope_scaling=m.rope_scaling,
         gpt_rope_scaling_factor=m.rope_scaling_factor,
     )
+    if m.activation == "swigluoai":
+        kwargs.update(glu_linear_offset=1.0, activation_func_clamp_value=m.activation_clamp)
+    if m.norm_zero_centered:
+        kwargs.update(layernorm_zero_centered_gamma=True)
     if m.num_moe_experts is not None:
         kwargs.update(
             num_moe_experts=m.num_moe_experts,
@@ -212,5 +226,10 @@ def build_transformer_config(
             moe_permute_fusion=False,
             moe_router_dtype="fp32",
         )
+        if m.moe_router_enable_expert_bias:
+            kwargs.update(moe_router_enable_expert_bias=True,
+                          moe_router_bias_update_rate=m.moe_router_bias_update_rate)
+        if m.moe_router_topk_scaling_factor is not None:
+            kwargs.update(moe_router_topk_scaling_factor=m.moe_router_topk_scaling_factor)
     kwargs.update(overrides)
     return MSATransformerConfig(**kwargs)

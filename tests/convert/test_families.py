@@ -57,7 +57,8 @@ def test_unknown_family():
         family_for_config({"model_type": "gpt_neox"})
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+# The stock transformers families (MiniMax-M3's round trip: tests/convert/test_m3_convert.py).
+@pytest.mark.parametrize("name", sorted(set(FAMILIES) - {"minimax_m3"}))
 def test_config_round_trip(name):
     """family.to_hf then family.to_model gives the same ModelConfig fields."""
     from tests.convert.helpers import hf_config

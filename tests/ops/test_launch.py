@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = [REPO / "launch" / "torchrun.sh", REPO / "launch" / "lib.sh",
            REPO / "launch" / "slurm" / "job.sh", REPO / "launch" / "slurm" / "pt_109b.sbatch",
-           REPO / "launch" / "slurm" / "cpt_109b.sbatch"]
+           REPO / "launch" / "slurm" / "cpt_109b.sbatch", REPO / "launch" / "slurm" / "m3_cpt.sbatch"]
 
 FAKE_SCONTROL = """#!/bin/bash
 echo "scontrol $*" >> "$FAKE_CALLS"

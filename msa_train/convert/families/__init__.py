@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from msa_train.convert.families import llama, mistral, mixtral, msa, qwen2, qwen3, qwen3_moe
+from msa_train.convert.families import (llama, minimax_m3, mistral, mixtral, msa, qwen2, qwen3,
+                                        qwen3_moe)
 from msa_train.convert.families.base import ConversionError, Family, Rule
 from msa_train.model.config import ModelConfig
 
 FAMILIES: Dict[str, Family] = {f.name: f for f in (
-    llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, mistral.FAMILY, qwen3_moe.FAMILY, mixtral.FAMILY)}
+    llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, mistral.FAMILY, qwen3_moe.FAMILY, mixtral.FAMILY,
+    minimax_m3.FAMILY)}
 
 # The MSA model's own table (export of models with MSA layers); not an import source.
 MSA = msa.FAMILY
@@ -37,10 +39,15 @@ def family_for_model(model: ModelConfig) -> Family:
 
 def family_for_config(cfg: Dict[str, Any]) -> Family:
     model_type = cfg.get("model_type")
+    architectures = set(cfg.get("architectures") or [])
     for family in FAMILIES.values():
-        if model_type in family.model_types:
+        if model_type in family.model_types or architectures & set(family.architectures_in):
             return family
     supported = sorted(t for f in FAMILIES.values() for t in f.model_types)
+    if "text_config" in cfg:
+        raise ConversionError(
+            f"config.json model_type={model_type!r} nests a text_config (a multimodal model) "
+            f"that no table reads; supported model_type values: {supported}")
     raise ConversionError(
         f"config.json model_type={model_type!r} (architectures={cfg.get('architectures')}) is not "
         f"supported; supported model_type values: {supported}")

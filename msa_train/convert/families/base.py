@@ -12,6 +12,7 @@ model) must have for the rule to apply (see `layer_features`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, Optional, Tuple
 
@@ -39,6 +40,8 @@ class Rule:
     # Tensors the Hugging Face side may lack (the MSA index branch of a dense model): the import
     # initialises them afresh (normal(0, init_method_std), norms at one).
     fresh_if_missing: bool = False
+    # Kept in float32 whatever --dtype says (the router's expert bias: Megatron keeps it fp32).
+    fp32: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -53,6 +56,15 @@ class Family:
     rules: Tuple[Rule, ...]
     to_model: Callable[[Dict[str, Any]], Dict[str, Any]]  # config.json -> ModelConfig kwargs
     to_hf: Callable[[ModelConfig], Dict[str, Any]]  # ModelConfig -> config.json fields
+    # Families whose checkpoints carry MSA layers of their own (MiniMax-M3):
+    #   to_attention: config.json -> AttentionConfig kwargs (the import uses it, not --attention);
+    #   wrap_hf: (flat config.json fields, AttentionConfig, source config.json) -> the exported one.
+    to_attention: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
+    wrap_hf: Optional[Callable[[Dict[str, Any], Any, Dict[str, Any]], Dict[str, Any]]] = None
+    # Hugging Face tensors deliberately left out: (key, num_layers) -> a reason label, or None.
+    skip: Optional[Callable[[str, int], Optional[str]]] = None
+    # config.json "architectures" values this table reads (besides model_types).
+    architectures_in: Tuple[str, ...] = ()
 
 
 def layer_features(model: ModelConfig, attn, layer: int) -> FrozenSet[str]:
@@ -60,6 +72,10 @@ def layer_features(model: ModelConfig, attn, layer: int) -> FrozenSet[str]:
     feats = {"always", "layer"}
     msa_mask = attn.layer_mask(model.num_layers)
     feats.add("moe" if model.moe_layout()[layer] else "dense_mlp")
+    if model.moe_layout()[layer] and model.moe_shared_expert_intermediate_size:
+        feats.add("moe_shared")
+    if model.moe_layout()[layer] and model.moe_router_enable_expert_bias:
+        feats.add("moe_expert_bias")
     if model.qk_layernorm:
         feats.add("qk_norm")
     if model.add_qkv_bias:
@@ -80,6 +96,19 @@ def model_features(model: ModelConfig) -> FrozenSet[str]:
 
 def is_layer_rule(rule: Rule) -> bool:
     return "{i}" in rule.megatron
+
+
+def with_hf_prefix(rules: Tuple[Rule, ...], prefix: str,
+                   fresh_if_missing: Optional[bool] = None) -> Tuple[Rule, ...]:
+    """The same rules with every Hugging Face name under `prefix` (a model nested in a larger
+    checkpoint, e.g. "language_model." of a vision-language one)."""
+    out = []
+    for rule in rules:
+        changes: Dict[str, Any] = {"hf": tuple(prefix + name for name in rule.hf)}
+        if fresh_if_missing is not None:
+            changes["fresh_if_missing"] = fresh_if_missing
+        out.append(dataclasses.replace(rule, **changes))
+    return tuple(out)
 
 
 def expand(template: str, layer: Optional[int] = None, expert: Optional[int] = None) -> str:

@@ -20,6 +20,9 @@ def to_hf(m):
               "the MSA export does not support shared experts yet")
     refuse_if(m.num_moe_experts is not None and m.moe_router_score_function != "softmax",
               "the MSA export supports softmax routing only")
+    refuse_if(m.norm_zero_centered or m.activation != "swiglu",
+              "the MSA export supports plain RMSNorm and SwiGLU only (set model.hf_family="
+              "minimax_m3 to export a MiniMax-M3-shaped model in M3's layout)")
     out = dict(llama_like_to_hf(m), model_type="msa", partial_rotary_factor=m.rotary_percent,
                attention_qkv_bias=m.add_qkv_bias, qk_norm=m.qk_layernorm,
                source_family=m.hf_family)
