@@ -80,6 +80,13 @@ def test_grouped_experts_built_by_the_switch_keep_the_parameter_names(megatron_1
     _compare(ref, fast, seed=12, atol=1e-5)
 
 
+def test_grouped_experts_with_the_clamped_swiglu(megatron_1rank):
+    # MiniMax-M3's swigluoai (quick-GELU gate, clamp, up + 1) on the grouped path.
+    ref, _ = _build(8, activation="swigluoai", activation_clamp=0.05)
+    fast = _twin(ref, activation="swigluoai", activation_clamp=0.05, moe_grouped_gemm=True)
+    _compare(ref, fast, seed=15, atol=1e-5)
+
+
 def test_grouped_experts_with_an_expert_that_gets_no_tokens():
     from msa_train.model.experts import grouped_linear
 
