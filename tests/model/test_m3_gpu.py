@@ -1,5 +1,5 @@
 """GPU (bf16): model=minimax_m3_proxy trains in the sparse stage with the Triton kernels, and its
-losses follow the PyTorch-reference path (MSA_KERNELS_BACKEND=reference) within bf16 noise over
+losses follow the PyTorch-reference path (attention.kernels=reference) within bf16 noise over
 20 steps; a 32K-token run records tokens/s, MFU and memory. Skipped without CUDA.
 
     python -m pytest tests/model/test_m3_gpu.py -m gpu -q -s
@@ -19,17 +19,16 @@ PROXY = ["model=minimax_m3_proxy", "attention=minimax_m3_proxy", "attention.mode
          "stage.sparse.lr_warmup_steps=1"]
 
 
-def _run(tmp_path, monkeypatch, name, seq, steps, backend):
-    monkeypatch.setenv("MSA_KERNELS_BACKEND", backend)  # run_train passes the environment on
-    run_train([*PROXY, f"train.seq_length={seq}", f"stage.sparse.tokens={seq * steps}"],
-              str(tmp_path / name), timeout=1800)
+def _run(tmp_path, name, seq, steps, backend):
+    run_train([*PROXY, f"attention.kernels={backend}", f"train.seq_length={seq}",
+               f"stage.sparse.tokens={seq * steps}"], str(tmp_path / name), timeout=1800)
     return [r for r in read_metrics(str(tmp_path / name)) if "train/lm_loss" in r]
 
 
-def test_proxy_sparse_triton_matches_reference(tmp_path, monkeypatch):
+def test_proxy_sparse_triton_matches_reference(tmp_path):
     seq, steps = 8192, 20
-    triton = _run(tmp_path, monkeypatch, "triton", seq, steps, "triton")
-    reference = _run(tmp_path, monkeypatch, "reference", seq, steps, "reference")
+    triton = _run(tmp_path, "triton", seq, steps, "triton")
+    reference = _run(tmp_path, "reference", seq, steps, "reference")
     a = [r["train/lm_loss"] for r in triton]
     b = [r["train/lm_loss"] for r in reference]
     assert len(a) == len(b) == steps
@@ -42,8 +41,8 @@ def test_proxy_sparse_triton_matches_reference(tmp_path, monkeypatch):
     assert a[-1] < a[0], "the proxy did not learn"
 
 
-def test_proxy_32k_throughput_and_memory(tmp_path, monkeypatch):
-    records = _run(tmp_path, monkeypatch, "perf", 32768, 10, "triton")
+def test_proxy_32k_throughput_and_memory(tmp_path):
+    records = _run(tmp_path, "perf", 32768, 10, "triton")
     last = records[-3:]
     for key in ("perf/tokens_per_sec_per_gpu", "perf/mfu", "mem/max_allocated_gib"):
         print(key, [r.get(key) for r in last])
