@@ -68,8 +68,14 @@ def _assert_same_model(ref, fast):
     assert token_rel < 2e-2
     assert total < 3e-2
     # A token whose top-k experts tie in bf16 may move to another expert when the rounding
-    # changes, so single expert tensors are held to the total only; every other tensor to 5 %.
-    bad = {n: r for n, r in rel.items() if ".experts." not in n and r >= 5e-2}
+    # changes, which moves the gradients of that layer's experts, router and pre-MLP norm: those
+    # are held to the total only; every other tensor (attention, index branch, the dense layer,
+    # embeddings) to 5 %.
+    moe_layers = {n.split(".mlp.")[0] for n in rel if ".mlp.router." in n}
+    routed = {n for n in rel if any(n.startswith(layer + ".mlp.") or
+                                    n.startswith(layer + ".pre_mlp_layernorm") for layer in moe_layers)}
+    assert routed and len(routed) < len(rel)
+    bad = {n: r for n, r in rel.items() if n not in routed and r >= 5e-2}
     assert not bad, bad
 
 
