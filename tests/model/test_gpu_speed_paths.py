@@ -66,7 +66,8 @@ def _assert_same_model(ref, fast):
     # bf16: per-token losses agree to ~1%, their mean far better.
     torch.testing.assert_close(loss_b.mean(), loss_a.mean(), rtol=2e-3, atol=0)
     assert token_rel < 2e-2
-    assert total < 3e-2
+    # Measured on an H100 (both megatron-core versions): 0.7-2.5e-2, nearly all from routed experts.
+    assert total < 5e-2
     # A token whose top-k experts tie in bf16 may move to another expert when the rounding
     # changes, which moves the gradients of that layer's experts, router and pre-MLP norm: those
     # are held to the total only; every other tensor (attention, index branch, the dense layer,
