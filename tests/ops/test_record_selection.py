@@ -11,6 +11,7 @@ import torch
 from tests.eval.test_msa_eval_cli import BLOCK, MAKE_CKPT, TOPK
 
 pytest.importorskip("megatron.core")
+pytestmark = pytest.mark.slow  # a checkpoint and the tool, each in its own process
 
 REPO = Path(__file__).resolve().parents[2]
 
