@@ -417,8 +417,7 @@ def compose(overrides: List[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from msa_train.config import register_configs
-    from msa_train.train import CONFIG_PATH
+    from msa_train.config import CONFIG_PATH, register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):

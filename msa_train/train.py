@@ -8,7 +8,6 @@ With no arguments it trains the embedded tiny_cpu experiment (CPU, both MSA stag
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 
@@ -19,9 +18,7 @@ warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Ape
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from msa_train.config import register_configs  # noqa: E402
-
-CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+from msa_train.config import CONFIG_PATH, register_configs  # noqa: E402
 
 register_configs()
 

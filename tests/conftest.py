@@ -1,5 +1,8 @@
 import os
+import random
+import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +14,18 @@ if not torch.cuda.is_available():
 
 # Tiny CPU tests are fastest single-threaded; multi-rank tests spawn their own processes.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed_from_test_id(request):
+    """Every test starts from seeds fixed by its own id (crc32 of the node id): a failure reproduces
+    alone, and no test depends on what ran before it. The seed is printed, so a failing test's
+    captured output records it; tests that need a particular seed set their own on top."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    print(f"test seed: {seed} (crc32 of {request.node.nodeid!r})")
 
 
 @pytest.fixture(autouse=True)

@@ -227,7 +227,7 @@ def measure(cfg, runtime, variant: str, warmup: int, steps: int,
                      if profile_path else None)
     finally:
         mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-        del objs
+        objs = None  # drop the model and optimizer before collecting
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()

@@ -5,7 +5,7 @@
   python tools/model_stats.py pilot_10b --attention paper --seq-len 32768 131072
   python tools/model_stats.py path/to/model.yaml --build   # also build on the meta device and
                                                            # check the analytic count against it
-Counts are analytic (msa_train.model.flops); FLOPs follow MSA_SPEC.md: dense-equivalent (full
+Counts are analytic (msa_train.model.flops); FLOPs follow docs/MSA.md: dense-equivalent (full
 attention everywhere, no index branch) vs MSA sparse (stage 2) and dense warmup (stage 1), with MoE
 counted on the active (top-k + shared) experts only.
 """

@@ -371,7 +371,7 @@ def targets(rows: List[Row]) -> List[dict]:
         need = {"random": (2.2, 8.0)}.get(kind, (3.0, 10.0))[0 if t == 32768 else 1]
         where = f"{r.heads} {r.case} {r.family}"
 
-        def add(name, value, goal, ok):
+        def add(name, value, goal, ok, where=where):
             out.append({"where": where, "target": name, "measured": value, "goal": goal, "met": bool(ok)})
 
         if "cudnn" in r.vs:

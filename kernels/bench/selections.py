@@ -6,7 +6,7 @@ run on is what ``msa_kernels.select_blocks`` picks from them, so the bench never
   smooth:W:N        locality knob: each run of W consecutive queries shares one index query plus
                     noise of relative size N (keys i.i.d.); small N or large W -> neighbouring queries
                     pick the same blocks -> a small union of blocks per query tile.
-  recorded[:PATH]   index vectors dumped from a trained checkpoint (scripts/record_selection.py),
+  recorded[:PATH]   index vectors dumped from a trained checkpoint (tools/record_selection.py),
                     stretched in time to the bench length, heads cycled, Di zero-padded (the ranking
                     is unchanged by padding and by positive scale).
 The union of blocks that the queries of one 128-query tile selected (mean, p90) is reported with
@@ -63,13 +63,13 @@ def parse_family(spec: str) -> Family:
 
 
 def load_recorded(path: str) -> dict:
-    """A file written by scripts/record_selection.py: q_idx [L, H, Di], k_idx [L, Di] (+ metadata)."""
+    """A file written by tools/record_selection.py: q_idx [L, H, Di], k_idx [L, Di] (+ metadata)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no recorded selection at {path}: write one with scripts/record_selection.py")
+        raise FileNotFoundError(f"no recorded selection at {path}: write one with tools/record_selection.py")
     rec = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("q_idx", "k_idx"):
         if key not in rec:
-            raise ValueError(f"{path} has no {key!r}: write it with scripts/record_selection.py")
+            raise ValueError(f"{path} has no {key!r}: write it with tools/record_selection.py")
     return rec
 
 

@@ -14,7 +14,7 @@ do not pay for importing torch and Megatron.
 from importlib import import_module
 
 _EXPORTS = {
-    "DataConfig": "config", "DataConfigError": "config", "StdlibCorpusConfig": "config",
+    "DataConfig": "config", "DataConfigError": "errors", "StdlibCorpusConfig": "config",
     "TokenizerConfig": "config", "validate_data_config": "config",
     "build_datasets": "datasets", "build_gpt_dataset_config": "datasets",
     "BatchCollator": "loader", "build_data_loader": "loader", "collator_for": "loader",

@@ -12,12 +12,12 @@ import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from msa_train.data.errors import DataConfigError
+from msa_train.data.index_check import read_index
+from msa_train.data.indexed import check_prefix_exists, check_tokenizer_matches
+
 SOURCES = ("stdlib", "indexed", "mock")
 TOKENIZER_TYPES = ("byte", "huggingface")
-
-
-class DataConfigError(ValueError):
-    """A data setting is wrong; the message names the field (data.xxx) to change."""
 
 
 @dataclass
@@ -129,9 +129,6 @@ def validate_data_config(cfg: DataConfig, check_files: bool = True) -> None:
                 "data.valid_paths is set but data.source=mock ignores it: clear data.valid_paths")
         _check_weights(list(cfg.valid_paths), cfg.valid_weights, "data.valid_paths",
                        "data.valid_weights")
-    from msa_train.data.index_check import read_index
-    from msa_train.data.indexed import check_prefix_exists, check_tokenizer_matches
-
     prefixes = [("paths", cfg.paths)] if cfg.source == "indexed" else []
     for name, group in (prefixes + [("valid_paths", cfg.valid_paths)]) if check_files else []:
         for i, prefix in enumerate(group):

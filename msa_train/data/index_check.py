@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from msa_train.data.config import DataConfigError
+from msa_train.data.errors import DataConfigError
 
 _HEADER = b"MMIDIDX\x00\x00"
 _FIXED = len(_HEADER) + 8 + 1 + 8 + 8  # header, version, dtype code, sequence / document counts

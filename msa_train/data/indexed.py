@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from msa_train.data.config import DataConfigError
+from msa_train.data.errors import DataConfigError
 
 
 def bin_path(prefix: str) -> str:

@@ -86,8 +86,8 @@ class HuggingFaceTokenizer:
                 from transformers import AutoTokenizer
             except ImportError as err:
                 raise DataConfigError(
-                    f"data.tokenizer.type=huggingface needs the `transformers` package "
-                    f"(pip install transformers), or set data.tokenizer.type=byte") from err
+                    "data.tokenizer.type=huggingface needs the `transformers` package "
+                    "(pip install transformers), or set data.tokenizer.type=byte") from err
             try:
                 self._hf = AutoTokenizer.from_pretrained(name_or_path)
             except OSError as err:

@@ -1,7 +1,7 @@
 """Training FLOPs per token -> TFLOP/s per GPU and MFU.
 
 The FLOP model itself (MoE on ACTIVE parameters, attention on the pairs actually computed, the
-MSA_SPEC.md attention formulas) belongs to the model package: ``msa_train.model.flops``. This module
+docs/MSA.md attention formulas) belongs to the model package: ``msa_train.model.flops``. This module
 only turns its per-token figure into rates, so every consumer (trainer logs, dry run, throughput
 benchmark) reports the same numbers.
 

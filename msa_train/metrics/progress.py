@@ -1,4 +1,5 @@
-"""Run progress: consumed tokens, percent done and ETA.
+"""Run progress: the run's position (Progress: step, consumed samples, stage; saved with every
+checkpoint) and the meter derived from it (RunProgress: consumed tokens, percent done and ETA).
 
     progress = RunProgress(total_tokens=cfg_total, start_tokens=resumed_consumed_tokens)
     metrics.update(progress.update(consumed_tokens))   # progress/consumed_tokens, progress/pct, progress/eta
@@ -11,9 +12,30 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Callable, Optional
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, Optional
 
 from msa_train.metrics import keys
+
+
+@dataclass
+class Progress:
+    iteration: int = 0  # optimizer steps completed (global, across stages)
+    consumed_samples: int = 0  # global samples consumed: the data position
+    stage: str = "warmup"
+
+    def advance(self, samples: int) -> None:
+        self.iteration += 1
+        self.consumed_samples += samples
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "Progress":
+        return cls(iteration=int(data.get("iteration", 0)),
+                   consumed_samples=int(data.get("consumed_samples", 0)),
+                   stage=str(data.get("stage", "warmup")))
 
 
 class RunProgress:

@@ -18,7 +18,6 @@ _EXPORTS = {
     "MSATransformerConfig": "msa_train.model.transformer_config",
     "build_transformer_config": "msa_train.model.transformer_config",
     "build_model": "msa_train.model.builder",
-    "index_parameters": "msa_train.model.builder",
     "set_msa_mode": "msa_train.model.attention",
     "MSACoreAttention": "msa_train.model.attention",
     "MSASelfAttention": "msa_train.model.attention",

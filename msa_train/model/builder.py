@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Optional
 
-import torch
 from megatron.core.models.gpt import GPTModel
 
 from msa_train.model import kl_tracker, recall
@@ -88,11 +87,3 @@ def _rope_scaling_kwargs(config) -> dict:
     if kind == "linear":
         return {"seq_len_interpolation_factor": factor}
     return {}
-
-
-def index_parameters(model: torch.nn.Module) -> Iterator[tuple]:
-    """(name, param) of the index branch (W_qi, W_ki, index norms): the only parameters the KL
-    trains; an "indexer-only" stage freezes everything else."""
-    for name, param in model.named_parameters():
-        if ".indexer." in name or name.startswith("indexer."):
-            yield name, param

@@ -1,4 +1,4 @@
-"""Parameter counts and per-token FLOPs, analytic (no weights), by the formulas of MSA_SPEC.md.
+"""Parameter counts and per-token FLOPs, analytic (no weights), by the formulas of docs/MSA.md.
 
 Counts match the Megatron model that build_model creates (tests/model checks that on the meta
 device). Training FLOPs per token = 6 x (active matmul parameters) + attention, where attention

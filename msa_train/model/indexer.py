@@ -1,5 +1,5 @@
 """MSA index branch: q_idx = sg(X) W_qi (one index head per GQA group), k_idx = sg(X) W_ki (one
-shared index-key head), optional per-head RMSNorm and partial RoPE (MSA_SPEC.md).
+shared index-key head), optional per-head RMSNorm and partial RoPE (docs/MSA.md).
 
 Tensor parallel: W_qi is column-parallel, its heads sharded with the rank's GQA groups. W_ki (and
 the index norm weights) are replicated; each rank's KL only covers its own groups, so their

@@ -15,7 +15,7 @@ from msa_train.cfg_access import cfg_get as _get, parallel_sizes
 
 @dataclass
 class MSATransformerConfig(TransformerConfig):
-    """TransformerConfig + MiniMax Sparse Attention fields (MSA_SPEC.md).
+    """TransformerConfig + MiniMax Sparse Attention fields (docs/MSA.md).
 
     msa_layer_map: 0/1 per layer (1 = MSA layer with an index branch); resolved from
     AttentionConfig. msa_mode is the runtime stage; switch it with ``set_msa_mode``.

@@ -238,8 +238,6 @@ def _check_tensor_shapes(directory: str, model_state: Dict[str, Any]) -> None:
 
 def load(directory: str, chunks, optimizer, scheduler, saved_world_size: Optional[int]) -> Dict[str, Any]:
     """Load full training state from an iteration directory; returns the saved progress dict."""
-    from megatron.core import dist_checkpointing
-
     try:
         return _load(directory, chunks, optimizer, scheduler, saved_world_size)
     except CheckpointError:

@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import platform
 import re
 import shutil
 from typing import Any, Dict, Iterable, List, Optional
@@ -150,3 +152,41 @@ def prune(root: str, keep_last_k: Optional[int], protect: int,
     for it in doomed:
         shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
     return doomed
+
+
+def _versions() -> Dict[str, str]:
+    # Imported here: this module is read by tools that need neither torch nor Megatron.
+    import megatron.core
+    import torch
+
+    import msa_train
+
+    return {"msa_train": msa_train.__version__, "megatron_core": megatron.core.__version__,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def state_json(cfg, plan, progress, wandb_run_ids: Dict[str, Optional[str]],
+               init_report: Optional[Dict[str, Any]], world_size: int) -> Dict[str, Any]:
+    """The contents of STATE_FILENAME for a checkpoint at `progress`
+    (msa_train.metrics.progress.Progress) of the run plan `plan`."""
+    stage = plan.stage_at(max(progress.iteration - 1, 0))
+    seq = int(cfg.train.seq_length)
+    return {
+        "progress": progress.to_dict(),
+        "stage": stage.name,
+        "attention_mode": stage.mode,
+        "stage_step": progress.iteration - stage.start_step,
+        "stage_steps": stage.steps,
+        "stage_complete": progress.iteration >= stage.end_step,
+        "consumed_tokens": progress.consumed_samples * seq,
+        # Data position: the resumable sampler restarts at this global sample index.
+        "data": {"consumed_samples": progress.consumed_samples, "seq_length": seq,
+                 "global_batch_size": int(cfg.train.global_batch_size)},
+        # Per-rank RNG states are inside the checkpoint (rng_state); each stage reseeds from this.
+        "rng": {"seed": int(cfg.train.seed), "stage_index": stage.index},
+        "wandb_run_ids": dict(wandb_run_ids),
+        "init_from": init_report,
+        "world_size": world_size,
+        "versions": _versions(),
+        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -24,7 +24,7 @@ from msa_train.trainer import ckpt_layout as layout
 from msa_train.trainer.ckpt_layout import CheckpointError
 from msa_train.trainer.divergence import DivergenceError, DivergencePolicy
 from msa_train.trainer.init_from import load_weights
-from msa_train.trainer.progress import Progress, state_json
+from msa_train.metrics.progress import Progress, RunProgress
 from msa_train.trainer.schedule import RunPlan, StagePlan, build_plan
 from msa_train.trainer.setup import StageObjects, build_stage, index_param_predicate
 from msa_train.trainer.step import eval_step, train_step
@@ -263,7 +263,6 @@ class Trainer:
 
     def _train_stage(self, stage: StagePlan, objs: StageObjects) -> Optional[int]:
         from msa_train.metrics import keys
-        from msa_train.metrics.progress import RunProgress
 
         cfg = self.cfg
         train_iter = self._iterators(self.train_ds, self.progress.consumed_samples, len(objs.chunks))
@@ -464,8 +463,8 @@ class Trainer:
         p = self.progress
         return checkpointing.save(
             self.save_dir, p.iteration, objs.chunks, objs.optimizer, objs.scheduler, p.to_dict(),
-            state_json(self.cfg, self.plan, p, self.wandb_run_ids, self.init_report,
-                       self.runtime.world_size),
+            layout.state_json(self.cfg, self.plan, p, self.wandb_run_ids, self.init_report,
+                              self.runtime.world_size),
             self.run_config_yaml, self.cfg.checkpoint.keep_last_k, owned=self.owned_iterations)
 
     def _requeue(self) -> int:

@@ -3,7 +3,6 @@ import os
 import sys
 import time
 
-import pytest
 
 from .conftest import read_docs
 from msa_train.data import StdlibCorpusConfig, ensure_stdlib_corpus

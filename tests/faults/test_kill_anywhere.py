@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.trainer.helpers import (REPO, SMALL, assert_same_tensors, load_checkpoint_tensors,
+from tests.trainer.helpers import (SMALL, assert_same_tensors, load_checkpoint_tensors,
                                    losses_by_step)
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ def _start(run_dir, save):
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "msa_train.train", f"run_dir={run_dir}",
            f"checkpoint.save={save}", *ARGS]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=os.getcwd(), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 

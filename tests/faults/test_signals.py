@@ -1,7 +1,6 @@
 """A stop signal during a checkpoint save waits for the save, and helper processes started
 during the save (Megatron's spawned writers) never die of it."""
 
-import os
 import signal
 import subprocess
 import sys

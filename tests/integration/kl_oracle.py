@@ -1,4 +1,4 @@
-"""Independent float64 brute-force indexer KL, written from MSA_SPEC.md only (no msa_kernels code).
+"""Independent float64 brute-force indexer KL, written from docs/MSA.md only (no msa_kernels code).
 
 Materializes the full [T, T] score matrices, so it is for tiny T only. Everything is differentiable
 in float64, so autograd through it is the exact gradient the kernels must reproduce.

@@ -5,7 +5,7 @@ fixed, peaked teacher that the index branch can represent exactly.
 A second teacher is purely positional (its logits depend on i - j only, as a RoPE recency head's
 do) while the layer input carries no position: the paper's content-only index branch cannot fit
 it, the index-RoPE branch (attention.index_rope) can. This is what the tiny_cpu run hits
-(docs/TINY_SCALE_STUDY.md).
+(docs/experiments/2026-11-26_tiny_scale_study.md).
 
 Only W_qi / W_ki are optimized (Adam). The KL must fall by a large factor in both stages, the
 sparse selection must converge to the teacher's own top-k blocks, gradient ascent (negative loss

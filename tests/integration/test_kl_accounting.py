@@ -2,7 +2,7 @@
 
 Tiny MSA-MoE GPTModel (2 of 3 layers MSA), parameters large enough that attention is far from
 uniform. Each MSA layer's q, k (after RoPE) and index input are captured during the forward; an
-independent float64 oracle (kl_oracle.py, written from MSA_SPEC.md) then recomputes:
+independent float64 oracle (kl_oracle.py, written from docs/MSA.md) then recomputes:
   * the per-layer KL that kl_tracker reports (dense = full causal support, sparse = the selected
     blocks), and
   * the gradient the backward delivers to every W_qi / W_ki:

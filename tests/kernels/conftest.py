@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import zlib
 
 import pytest
 import torch
@@ -29,11 +28,7 @@ def _compiled_kernels_loaded() -> bool:
                for obj in vars(sys.modules[name]).values())
 
 
-@pytest.fixture(autouse=True)
-def _seed_from_test_id(request):
-    """Each test draws its random inputs from a seed fixed by its own id (crc32 of the node id),
-    so a failure reproduces alone and no test depends on what ran before it."""
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+# Seeds: tests/conftest.py fixes every test's seed from its own id.
 
 
 @pytest.fixture(scope="session", autouse=True)

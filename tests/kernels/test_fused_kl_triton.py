@@ -127,6 +127,7 @@ def test_fused_context_parallel_zigzag_and_sum_reduction():
     _assert_close(got, _run(_reference(topk_idx, lay, bs, "sum"), inputs, up), 2e-5)
 
 
+@pytest.mark.slow  # ~25 s under the CPU interpreter
 def test_unfused_fallback_and_fusion_agree():
     """Near-random selections take the unfused all-KV-outer KL (union threshold); both paths give
     the same numbers."""
@@ -138,7 +139,11 @@ def test_unfused_fallback_and_fusion_agree():
     _assert_close(a, b, 2e-5)
 
 
-@pytest.mark.parametrize("hq,hkv", [(16, 2), (6, 2), (16, 1)], ids=["G8", "G3", "G16"])
+# G3 (an odd group size) stays in the quick suite; the large groups are slow under the CPU
+# interpreter and run in CI's slow step (and on GPUs).
+@pytest.mark.parametrize("hq,hkv", [pytest.param(16, 2, id="G8", marks=pytest.mark.slow),
+                                    pytest.param(6, 2, id="G3"),
+                                    pytest.param(16, 1, id="G16", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_kv_pass_key_gradient_for_any_group_size(hq, hkv, deterministic):
     """The KV pass computes the student once per token (not per head row), so every G fuses: padded
@@ -150,6 +155,7 @@ def test_kv_pass_key_gradient_for_any_group_size(hq, hkv, deterministic):
     _assert_close(got, _run(_reference(topk_idx, lay, bs, "mean"), inputs, up), 2e-5)
 
 
+@pytest.mark.slow  # ~25 s under the CPU interpreter
 def test_deterministic_fused_is_bitwise_reproducible():
     inputs, topk_idx, lay, bs, up = _case([70, 33], 8, 2, 16, 16, 16, 3)
     fn = _fused(topk_idx, lay, bs, "mean", True)

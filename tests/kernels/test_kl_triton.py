@@ -172,7 +172,8 @@ def test_indexer_kl_context_parallel_zigzag():
                               total_queries=rows.numel())
             part = dict(full, lay=lay, q=full["q"][rows_d], lse=full["lse"][rows_d],
                         topk_idx=full["topk_idx"][:, rows_d].contiguous())
-            out = _grads(lambda qi, ki: _sparse(part, det, reduction="sum")(qi[rows_d], ki),
+            out = _grads(lambda qi, ki, part=part, det=det, rows_d=rows_d:
+                         _sparse(part, det, reduction="sum")(qi[rows_d], ki),
                          full["q_idx"], full["k_idx"])
             total_kl += float(out[0])
             dq_full += out[1]
@@ -254,7 +255,8 @@ def test_indexer_kl_dense_context_parallel_zigzag():
         lay = make_layout(cu.to(DEV), ks.to(DEV), kl.to(DEV), total_keys=full["k"].shape[0],
                           total_queries=rows.numel())
         part = dict(full, lay=lay, q=full["q"][rows_d])
-        out = _grads(lambda qi, ki: _dense(part, True, reduction="sum")(qi[rows_d], ki),
+        out = _grads(lambda qi, ki, part=part, rows_d=rows_d:
+                     _dense(part, True, reduction="sum")(qi[rows_d], ki),
                      full["q_idx"], full["k_idx"])
         total += float(out[0])
         dq += out[1]

@@ -36,8 +36,8 @@ def test_model_yaml_matches_schema(name):
 def test_attention_yaml_matches_schema(name):
     cfg = load("attention", name, AttentionConfig)
     assert cfg.mode == "dense"
-    # m3 = the production recipe (index norm + RoPE); tiny turns RoPE on (docs/TINY_SCALE_STUDY.md);
-    # the paper recipe has neither.
+    # m3 = the production recipe (index norm + RoPE); tiny turns RoPE on
+    # (docs/experiments/2026-11-26_tiny_scale_study.md); the paper recipe has neither.
     expected = {"m3": (True, True), "tiny": (False, True), "paper": (False, False)}[name]
     assert (cfg.index_norm, cfg.index_rope) == expected
 

@@ -16,7 +16,7 @@ def test_builds_on_meta_with_documented_counts(name, total):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "model_stats.py"), name, "--build", "--seq-len", "131072"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=os.getcwd(), env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert f"({total})" in proc.stdout

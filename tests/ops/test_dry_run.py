@@ -97,7 +97,6 @@ def test_dry_run_109b_recipe_at_256_gpus(tmp_path):
     assert "-- memory per GPU" in text and "GiB of" in text
     assert "-- training FLOPs per token" in text
     # Cross-check against the model package's analytic count.
-    from omegaconf import OmegaConf
 
     from msa_train.model.flops import count_parameters as analytic
 

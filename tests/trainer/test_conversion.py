@@ -24,7 +24,7 @@ def test_dense_checkpoint_converts_to_msa_with_equal_dense_logits(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     env.pop("RANK", None)
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tests/trainer/conversion_check.py"),
-                           dense_save], cwd=REPO, env=env, capture_output=True, text=True,
+                           dense_save], cwd=os.getcwd(), env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

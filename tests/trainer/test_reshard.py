@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.trainer.helpers import REPO, SMALL, losses_by_step, run_train
+from tests.trainer.helpers import SMALL, losses_by_step, run_train
 
 pytestmark = pytest.mark.slow
 SAVE_STEP = 4  # mid sparse stage (SMALL: 3 warmup + 3 sparse steps)
@@ -87,7 +87,7 @@ def test_tp2_to_pp2_keeps_the_padded_vocabulary(tmp_path):
     _assert_continues(resumed, source)
 
 
-def test_issue6_tp2xcp2_to_pp2xep2(tmp_path):
+def test_tp2xcp2_to_pp2xep2(tmp_path):
     # Every dimension changes at once: TP, CP and PP, EP 1 -> 2 (single -> chained optimizer), DP.
     ckpt, source = _source(tmp_path / "src", "tp2cp2")
     _, resumed = _resume(ckpt, tmp_path / "dst", "pp2ep2")
@@ -114,7 +114,7 @@ def test_legacy_dp_reshardable_checkpoint_resumes_at_its_layout(tmp_path):
         [sys.executable, "-c", _LEGACY_WRITER, f"run_dir={run_dir}", *SMALL,
          f"checkpoint.save={save}", f"checkpoint.save_interval={SAVE_STEP}",
          "checkpoint.save_at_stage_end=false"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        cwd=os.getcwd(), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ckpt = os.path.join(save, f"iter_{SAVE_STEP:07d}")
     _, resumed = _resume(ckpt, tmp_path / "same", "single")

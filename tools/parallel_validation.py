@@ -17,17 +17,18 @@ reproduces the one-GPU loss curve up to bf16 rounding noise. The script
      loss_curves.png and metrics.tar.gz (every run's metrics.jsonl and log tail) to --out.
 
     # GPU (2 GPUs, the small model, 50 bf16 steps, seq 8192: 10 indexer-warmup + 40 sparse steps)
-    PYTHONUNBUFFERED=1 python scripts/gpu_parallel_validation.py run --gpus 2 --out $OUT
+    PYTHONUNBUFFERED=1 python tools/parallel_validation.py run --gpus 2 --out $OUT
     # CPU / gloo smoke of the same pipeline (tiny model, fp32, a few steps)
-    OMP_NUM_THREADS=1 python scripts/gpu_parallel_validation.py run --preset tiny --device cpu \
+    OMP_NUM_THREADS=1 python tools/parallel_validation.py run --preset tiny --device cpu \
         --gpus 2 --out /tmp/pv
-    python scripts/gpu_parallel_validation.py plan --gpus 4       # print layouts and commands only
-    python scripts/gpu_parallel_validation.py compare --work /tmp/pv_work --out /tmp/pv  # re-report
-    python scripts/gpu_parallel_validation.py render --report report.json --out DIR  # re-check, re-plot
+    python tools/parallel_validation.py plan --gpus 4       # print layouts and commands only
+    python tools/parallel_validation.py compare --work /tmp/pv_work --out /tmp/pv  # re-report
+    python tools/parallel_validation.py render --report report.json --out DIR  # re-check, re-plot
 
 Each run is `torchrun --standalone --nproc-per-node N <this file> worker -- <Hydra overrides>`; the
-worker makes `import msa_kernels` work without an editable install (the GPU box runs the repo from
-PYTHONPATH) and then calls msa-train's own entry point. See docs/PARALLEL_VALIDATION.md.
+worker makes `import msa_kernels` work without an editable install (a checkout on PYTHONPATH) and
+then calls msa-train's own entry point. Which layouts can run is decided by msa-train's own config
+validation on the exact overrides each run uses. See docs/PARALLEL_VALIDATION.md.
 """
 
 from __future__ import annotations
@@ -82,34 +83,6 @@ PRESETS: Dict[str, Preset] = {
                    micro_batch_size=1, steps=6, warmup_steps=2, resume_step=4, lr=3.0e-3,
                    min_lr=3.0e-4, lr_warmup_steps=2, precision="fp32"),
 }
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The config fields that decide which layouts a model admits."""
-
-    num_layers: int
-    num_attention_heads: int
-    num_query_groups: int
-    num_moe_experts: Optional[int]
-    block_size: int
-    topk: int
-
-    @classmethod
-    def from_configs(cls, model: str, attention: str, config_dir: Path = REPO / "configs") -> "ModelShape":
-        from omegaconf import OmegaConf
-
-        paths = {"model": config_dir / "model" / f"{model}.yaml",
-                 "attention": config_dir / "attention" / f"{attention}.yaml"}
-        for group, path in paths.items():
-            if not path.is_file():
-                raise ValueError(f"--{group} {path.stem}: {path} does not exist")
-        m = OmegaConf.load(paths["model"])
-        a = OmegaConf.load(paths["attention"])
-        return cls(num_layers=int(m.num_layers), num_attention_heads=int(m.num_attention_heads),
-                   num_query_groups=int(m.num_query_groups),
-                   num_moe_experts=None if m.get("num_moe_experts") is None else int(m.num_moe_experts),
-                   block_size=int(a.block_size), topk=int(a.topk))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,35 +151,19 @@ def default_layouts(num_gpus: int) -> List[Layout]:
     return [Layout(tp=2, cp=2), Layout(pp=2, ep=2)]
 
 
-def layout_problems(layout: Layout, world: int, shape: ModelShape, seq_length: int,
-                    global_batch_size: int, micro_batch_size: int) -> List[str]:
-    """Why `layout` cannot run this model on `world` ranks (empty: it can). Mirrors the trainer's
-    msa_train.config.validate rules so the plan drops what the trainer would refuse."""
-    out: List[str] = []
-    if world % layout.model_parallel:
-        return [f"tp x pp x cp = {layout.model_parallel} does not divide {world} GPUs"]
-    dp = layout.dp(world)
-    if shape.num_attention_heads % layout.tp or shape.num_query_groups % layout.tp:
-        out.append(f"tp={layout.tp} must divide {shape.num_attention_heads} heads and "
-                   f"{shape.num_query_groups} query groups")
-    if shape.num_layers % layout.pp:
-        out.append(f"pp={layout.pp} must divide {shape.num_layers} layers")
-    if layout.ep > 1:
-        if shape.num_moe_experts is None:
-            out.append(f"ep={layout.ep} needs an MoE model")
-        elif shape.num_moe_experts % layout.ep:
-            out.append(f"ep={layout.ep} must divide {shape.num_moe_experts} experts")
-        if (dp * layout.cp) % layout.ep:
-            out.append(f"ep={layout.ep} must divide data x context parallel = {dp * layout.cp}")
-    if layout.cp > 1 and seq_length % (2 * layout.cp * shape.block_size):
-        out.append(f"seq_length={seq_length} must be a multiple of 2 x cp x block = "
-                   f"{2 * layout.cp * shape.block_size}")
-    if layout.tp > 1 and seq_length % layout.tp:
-        out.append(f"seq_length={seq_length} must be divisible by tp={layout.tp} (sequence parallel)")
-    if global_batch_size % (micro_batch_size * dp):
-        out.append(f"global_batch_size={global_batch_size} must be a multiple of micro_batch_size x "
-                   f"dp = {micro_batch_size} x {dp}")
-    return out
+def layout_problems(preset: Preset, device: str, layout: Layout, world: int) -> List[str]:
+    """Why msa-train would refuse `layout` on `world` ranks (empty: it runs). The trainer's own
+    validation decides, on the overrides a run at this layout uses (paths are not checked: the
+    checkpoints do not exist yet when the plan is made)."""
+    from msa_train.config.validate import ConfigError, validate_config
+    from msa_train.dry_run import compose
+
+    overrides = run_overrides(preset, device, Path("/nonexistent"), layout.name, layout, layout.tp)
+    try:
+        validate_config(compose(overrides), world, check_paths=False)
+    except ConfigError as exc:
+        return [line.strip()[2:] for line in str(exc).splitlines() if line.strip().startswith("- ")]
+    return []
 
 
 def default_resume_pairs(layouts: Sequence[Layout]) -> List[Tuple[Layout, Layout]]:
@@ -297,17 +254,21 @@ def vocab_divisor(layout_tp: int, max_tp: int) -> int:
 
 
 def base_overrides(plan: Plan, name: str, layout: Layout, max_tp: int) -> List[str]:
-    p = plan.preset
+    return run_overrides(plan.preset, plan.device, plan.work, name, layout, max_tp)
+
+
+def run_overrides(p: Preset, device: str, work: Path, name: str, layout: Layout, max_tp: int) -> List[str]:
+    """msa-train's Hydra overrides of one run (without its checkpoint source or save)."""
     warmup_tokens, sparse_tokens = stage_tokens(p)
     return [
-        f"name=pv_{name}", f"run_dir={plan.work / 'runs' / name}",
+        f"name=pv_{name}", f"run_dir={work / 'runs' / name}",
         f"model={p.model}", f"attention={p.attention}", "data=stdlib", "logging=debug",
         "logging.log_interval=1", "logging.recall_interval=0", "logging.plot_at_end=false",
         "logging.wandb=false", "stage.run=both",
         f"stage.warmup.tokens={warmup_tokens}", f"stage.sparse.tokens={sparse_tokens}",
         f"train.seq_length={p.seq_length}", f"train.global_batch_size={p.global_batch_size}",
         f"train.micro_batch_size={p.micro_batch_size}", f"train.lr={p.lr}", f"train.min_lr={p.min_lr}",
-        f"train.lr_warmup_steps={p.lr_warmup_steps}", f"train.device={plan.device}",
+        f"train.lr_warmup_steps={p.lr_warmup_steps}", f"train.device={device}",
         f"train.precision={p.precision}", "train.eval_interval=null",
         f"data.tokenizer.make_vocab_size_divisible_by={vocab_divisor(layout.tp, max_tp)}",
         f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}", f"parallel.cp={layout.cp}",
@@ -317,7 +278,7 @@ def base_overrides(plan: Plan, name: str, layout: Layout, max_tp: int) -> List[s
     ]
 
 
-def build_plan(preset: Preset, device: str, num_gpus: int, work: Path, shape: ModelShape,
+def build_plan(preset: Preset, device: str, num_gpus: int, work: Path,
                layouts: Optional[Sequence[Layout]] = None, resume: Optional[str] = None) -> Plan:
     if preset.resume_step <= preset.warmup_steps or preset.resume_step >= preset.steps:
         raise ValueError(f"--resume-step={preset.resume_step} must lie inside the sparse stage "
@@ -336,17 +297,16 @@ def build_plan(preset: Preset, device: str, num_gpus: int, work: Path, shape: Mo
         preset = dataclasses.replace(preset, global_batch_size=batch)
     good, skipped = [], {}
     for layout in candidates:
-        problems = layout_problems(layout, num_gpus, shape, preset.seq_length,
-                                   preset.global_batch_size, preset.micro_batch_size)
+        problems = layout_problems(preset, device, layout, num_gpus)
         if layout.model_parallel == 1 and layout.ep == 1:
             problems.append("a pure data-parallel layout is not what this validates")
         if problems:
             skipped[layout.label] = problems
         else:
             good.append(layout)
+
     def problems_of(layout: Layout) -> List[str]:
-        return layout_problems(layout, num_gpus, shape, preset.seq_length, preset.global_batch_size,
-                               preset.micro_batch_size)
+        return layout_problems(preset, device, layout, num_gpus)
 
     pairs = parse_resume(resume, good, problems_of) if resume is not None else default_resume_pairs(good)
     plan = Plan(preset=preset, device=device, num_gpus=num_gpus, work=work, layouts=good,
@@ -978,9 +938,8 @@ def _plan_from_args(args) -> Plan:
                  if v is not None})
     if args.device == "cpu" and preset.precision == "bf16":
         preset = dataclasses.replace(preset, precision="fp32")
-    shape = ModelShape.from_configs(preset.model, preset.attention)
     layouts = parse_layout_list(args.layouts) if args.layouts.strip() else None
-    return build_plan(preset, args.device, args.gpus, Path(args.work).resolve(), shape,
+    return build_plan(preset, args.device, args.gpus, Path(args.work).resolve(),
                       layouts=layouts, resume=args.resume)
 
 
@@ -993,6 +952,8 @@ def _tolerance(args, precision: str) -> Tolerance:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # msa_train from this checkout when it is not installed
     if argv and argv[0] == "worker":
         rest = argv[1:]
         if "--" in rest:
@@ -1022,7 +983,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run before it counts as hung")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for all runs together (runs that would start too late are "
-                             "reported as not run); keep it under the device call's limit")
+                             "reported as not run, and the report is still written)")
     parser.add_argument("--factor", type=float, default=3.0, help="tolerance: x the references' gap")
     parser.add_argument("--rel-floor", type=float, default=None,
                         help="tolerance floor relative to the loss (default 2^-8 in bf16, 1e-5 in fp32)")

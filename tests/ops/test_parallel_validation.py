@@ -1,6 +1,7 @@
-"""scripts/gpu_parallel_validation.py: layout planning, the commands it builds (composed and validated
-by the trainer's own Hydra config), the bf16-noise comparison on synthetic curves, the report, the
-worker's msa_kernels alias and optimizer-format workaround, and a 2-rank gloo run end to end."""
+"""tools/parallel_validation.py: layout planning (decided by the trainer's own validation), the
+commands it builds (composed and validated by the trainer's own Hydra config), the bf16-noise
+comparison on synthetic curves, the report, the worker's msa_kernels alias, and a 2-rank gloo run
+end to end."""
 import dataclasses
 import importlib.util
 import json
@@ -14,23 +15,21 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "scripts" / "gpu_parallel_validation.py"
+SCRIPT = REPO / "tools" / "parallel_validation.py"
 
 
 @pytest.fixture(scope="module")
 def pv():
-    spec = importlib.util.spec_from_file_location("gpu_parallel_validation", SCRIPT)
+    spec = importlib.util.spec_from_file_location("parallel_validation", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_parallel_validation"] = module  # dataclasses resolve their module by name
+    sys.modules["parallel_validation"] = module  # dataclasses resolve their module by name
     spec.loader.exec_module(module)
     yield module
-    sys.modules.pop("gpu_parallel_validation", None)
+    sys.modules.pop("parallel_validation", None)
 
 
 def small_plan(pv, tmp_path, gpus, **kw):
-    preset = pv.PRESETS["small"]
-    shape = pv.ModelShape.from_configs(preset.model, preset.attention)
-    return pv.build_plan(preset, "cuda", gpus, tmp_path, shape, **kw)
+    return pv.build_plan(pv.PRESETS["small"], "cuda", gpus, tmp_path, **kw)
 
 
 # -- layouts --------------------------------------------------------------------------------------
@@ -54,18 +53,22 @@ def test_parse_layout(pv):
             pv.parse_layout(bad)
 
 
-def test_layout_problems_mirror_trainer_rules(pv):
-    shape = pv.ModelShape(num_layers=12, num_attention_heads=16, num_query_groups=4,
-                          num_moe_experts=16, block_size=128, topk=16)
-    ok = {"world": 2, "shape": shape, "seq_length": 8192, "global_batch_size": 4, "micro_batch_size": 1}
+def test_layout_problems_are_the_trainers_own(pv):
+    """The plan drops a layout with exactly the errors msa-train's validation would stop it with
+    (small: 12 layers, 16/4 heads, 16 experts, block 128)."""
+    small = pv.PRESETS["small"]
     for layout in pv.default_layouts(2):
-        assert pv.layout_problems(layout, **ok) == []
-    assert "divide 12 layers" in " ".join(pv.layout_problems(pv.Layout(pp=5), **dict(ok, world=5)))
-    assert "query groups" in " ".join(pv.layout_problems(pv.Layout(tp=8), **dict(ok, world=8)))
-    assert "2 x cp x block" in " ".join(pv.layout_problems(pv.Layout(cp=2), **dict(ok, seq_length=4224)))
-    assert "data x context" in " ".join(pv.layout_problems(pv.Layout(tp=2, ep=2), **ok))
-    assert "global_batch_size=3" in " ".join(pv.layout_problems(pv.Layout(ep=2), **dict(ok, global_batch_size=3)))
-    assert pv.layout_problems(pv.Layout(tp=2, cp=2), **ok)[0].startswith("tp x pp x cp = 4")
+        assert pv.layout_problems(small, "cuda", layout, 2) == []
+
+    def why(layout, world, **preset):
+        return " ".join(pv.layout_problems(dataclasses.replace(small, **preset), "cuda", layout, world))
+
+    assert "model.num_layers=12 must be divisible by parallel.pp" in why(pv.Layout(pp=5), 5)
+    assert "model.num_query_groups=4" in why(pv.Layout(tp=8), 8)
+    assert "2 x parallel.cp x attention.block_size" in why(pv.Layout(cp=2), 2, seq_length=4224)
+    assert "data x context parallel" in why(pv.Layout(tp=2, ep=2), 2)
+    assert "train.global_batch_size=3" in why(pv.Layout(ep=2), 2, global_batch_size=3)
+    assert "parallel.tp x parallel.pp x parallel.cp = 4" in why(pv.Layout(tp=2, cp=2), 2)
 
 
 # -- the plan and its commands ---------------------------------------------------------------------
@@ -123,8 +126,7 @@ def test_plan_four_gpus_and_explicit_choices(pv, tmp_path):
     with pytest.raises(ValueError, match="target PP2 x CP2"):
         small_plan(pv, tmp_path, 2, resume="tp2:pp2xcp2")
     with pytest.raises(ValueError, match="--resume-step"):
-        pv.build_plan(dataclasses.replace(pv.PRESETS["small"], resume_step=5), "cuda", 2, tmp_path,
-                      pv.ModelShape.from_configs("small", "paper"))
+        pv.build_plan(dataclasses.replace(pv.PRESETS["small"], resume_step=5), "cuda", 2, tmp_path)
 
 
 def test_global_batch_covers_every_data_parallel_size(pv, tmp_path):
@@ -308,8 +310,13 @@ def test_report_from_fake_runs(pv, tmp_path, tol):
     assert runs["tp2"]["throughput"]["sparse/tokens_per_sec_per_gpu"] == 1000.0
     assert not report["passed"]
     md = pv.report_markdown(report)
-    assert "| ref_pert | single | 1 (1) | noise ref |" in md and "(ref_det, ref_pert)" in md
-    assert "| ep2 | EP2 | 2 (2) | FAIL |" in md and "timed out (hang)" in md and "Overall: FAIL" in md
+    table = _markdown_table(md)
+    assert [row["run"] for row in table] == list(runs)  # one row per run, in run order
+    rows = {row["run"]: row for row in table}
+    assert rows["ref_pert"]["result"] == "noise ref" and rows["ref_pert"]["layout"] == "single"
+    assert rows["ep2"]["result"] == "FAIL" and rows["ep2"]["GPUs (dp)"] == "2 (2)"
+    assert rows["tp2"]["result"] == "PASS" and rows["pp2"]["result"] == "FAIL"
+    assert "(ref_det, ref_pert)" in md and "timed out (hang)" in md and "Overall: FAIL" in md
     pv.write_outputs(plan, report, tmp_path / "out")
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"report.json", "report.md", "metrics.tar.gz"}
 
@@ -329,6 +336,15 @@ def test_report_from_fake_runs(pv, tmp_path, tol):
     assert ep2["within_fraction"] >= 0.8 and ep2["mean_abs_diff"] < ep2["mean_abs_tol"]
     assert ep2["reasons"] and all("systematic drift" in r for r in ep2["reasons"])
     assert not again["runs"]["pp2"]["passed"]  # a hang stays a failure at any tolerance
+
+
+def _markdown_table(md):
+    """The first pipe table of a markdown text as a list of {header: cell} rows."""
+    lines = [line.strip() for line in md.splitlines() if line.strip().startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    header, body = cells[0], [row for row in cells[1:] if not set("".join(row)) <= set("-: ")]
+    assert all(len(row) == len(header) for row in body), body
+    return [dict(zip(header, row)) for row in body]
 
 
 # -- the worker ----------------------------------------------------------------------------------
@@ -366,7 +382,7 @@ def test_gloo_end_to_end_tp2_then_resume_at_cp2(tmp_path):
          "--steps", "3", "--warmup-steps", "1", "--resume-step", "2", "--layouts", "tp2",
          "--resume", "tp2:cp2", "--work", str(tmp_path / "work"), "--out", str(out),
          "--timeout", "150"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+        cwd=os.getcwd(), env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["passed"]
