@@ -263,6 +263,8 @@ def run_overrides(p: Preset, device: str, work: Path, name: str, layout: Layout,
     return [
         f"name=pv_{name}", f"run_dir={work / 'runs' / name}",
         f"model={p.model}", f"attention={p.attention}", "data=stdlib", "logging=debug",
+        # On GPUs the Triton kernels, never a silent fallback to the PyTorch reference.
+        f"attention.kernels={'triton' if device == 'cuda' else 'auto'}",
         "logging.log_interval=1", "logging.recall_interval=0", "logging.plot_at_end=false",
         "logging.wandb=false", "stage.run=both",
         f"stage.warmup.tokens={warmup_tokens}", f"stage.sparse.tokens={sparse_tokens}",
@@ -371,7 +373,6 @@ def run_env(plan: Plan, gpu_ids: Optional[Sequence[int]] = None) -> Dict[str, st
                NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     env.setdefault("OMP_NUM_THREADS", "1" if plan.device == "cpu" else "4")
     if plan.device == "cuda":
-        env["MSA_KERNELS_BACKEND"] = "triton"  # never a silent fallback to the PyTorch reference
         if gpu_ids is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_ids)
     return env

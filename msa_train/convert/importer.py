@@ -23,7 +23,7 @@ from msa_train.convert.families import family_for_config
 from msa_train.convert.families.base import ConversionError, Family
 from msa_train.convert.hf_source import HFSource, copy_tokenizer, fp8_block_size, read_config
 from msa_train.convert.plan import Item, check_head_counts, expand_rules, megatron_shapes, meta
-from msa_train.model.config import AttentionConfig, ModelConfig
+from msa_train.model.config import ModelConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Tensors some Hugging Face checkpoints carry that are not weights (recomputed buffers).
