@@ -33,34 +33,20 @@ class KLAutoScaler(torch.autograd.Function):
         return grad_output, grad_kl, None
 
 
-def kl_loss_scale(
-    num_microbatches: int,
-    cp_size: int = 1,
-    calculate_per_token_loss: bool = False,
-    grad_scale: float = 1.0,
-    tokens_per_microbatch: Optional[float] = None,
-) -> float:
+def kl_loss_scale(num_microbatches: int, cp_size: int = 1, grad_scale: float = 1.0) -> float:
     """Scale for the KL gradient so that every micro-batch adds lambda * grad(mean KL) / num_mb,
     averaged over data-parallel replicas, exactly like the LM loss.
 
     Each rank's KL is its share of the micro-batch mean (the shares of the CP ranks sum to it) and
     DDP averages gradients over DP x CP, hence cp_size / num_microbatches (Megatron's MoE aux-loss
-    convention). With calculate_per_token_loss Megatron sums gradients and divides them by the
-    global number of loss tokens N instead; the scale is then N / (dp * num_microbatches), i.e.
-    ``tokens_per_microbatch`` = loss tokens of one micro-batch of one DP replica (all CP ranks).
-    grad_scale: the mixed-precision loss scale (config.grad_scale_func(1)), 1.0 in fp32/bf16.
+    convention). The trainer keeps Megatron's per-micro-batch loss averaging
+    (calculate_per_token_loss off). grad_scale: the mixed-precision loss scale
+    (config.grad_scale_func(1)), 1.0 in fp32/bf16.
     """
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
     if cp_size < 1:
         raise ValueError(f"cp_size must be >= 1, got {cp_size}")
-    if calculate_per_token_loss:
-        if tokens_per_microbatch is None or tokens_per_microbatch <= 0:
-            raise ValueError(
-                "kl_loss_scale: calculate_per_token_loss=True needs tokens_per_microbatch (loss "
-                "tokens of one micro-batch of one data-parallel replica, summed over CP ranks)"
-            )
-        return float(grad_scale) * float(tokens_per_microbatch)
     return float(grad_scale) * cp_size / num_microbatches
 
 

@@ -19,7 +19,6 @@ class StepResult:
     grad_norm: Optional[float]
     lr: float
     skipped: bool  # the update was not applied (non-finite gradients)
-    extra: Dict[str, float]
 
 
 def _to_device(batch: Dict[str, Optional[torch.Tensor]], device: torch.device) -> Dict:
@@ -120,8 +119,10 @@ def train_step(chunks, optimizer, scheduler, config, data_iterator, *, num_micro
     optimizer.zero_grad()
     grad_scale = 1.0 if config.grad_scale_func is None else float(
         config.grad_scale_func(torch.ones(1, device=device)).item())
-    set_kl_loss_scale(kl_loss_scale(num_microbatches, cp_size, config.calculate_per_token_loss,
-                                    grad_scale))
+    if config.calculate_per_token_loss:
+        raise ValueError("calculate_per_token_loss is not supported: the indexer-KL gradient "
+                         "follows Megatron's per-micro-batch loss averaging")
+    set_kl_loss_scale(kl_loss_scale(num_microbatches, cp_size, grad_scale))
     losses = _run_schedule(chunks, data_iterator, num_microbatches, seq_length, micro_batch_size,
                            device, cp_size, forward_only=False)
     update_ok, grad_norm = guarded_optimizer_step(optimizer)
@@ -133,7 +134,6 @@ def train_step(chunks, optimizer, scheduler, config, data_iterator, *, num_micro
         grad_norm=grad_norm,
         lr=float(lr),
         skipped=not update_ok,
-        extra={},
     )
 
 

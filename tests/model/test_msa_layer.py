@@ -243,9 +243,7 @@ def test_kl_gradient_follows_loss_scale_and_coeff(megatron_1rank):
     from msa_train.model import kl_loss_scale, set_kl_loss_scale
 
     assert kl_loss_scale(4, cp_size=2) == 0.5
-    assert kl_loss_scale(4, 2, True, 8.0, tokens_per_microbatch=1024) == 8.0 * 1024
-    with pytest.raises(ValueError, match="tokens_per_microbatch"):
-        kl_loss_scale(4, 2, calculate_per_token_loss=True)
+    assert kl_loss_scale(4, 2, 8.0) == 4.0
     with pytest.raises(ValueError, match="num_microbatches"):
         kl_loss_scale(0)
     core, cfg = make_core(mode="sparse")
