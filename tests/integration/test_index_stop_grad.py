@@ -4,30 +4,14 @@ lets the KL's gradient reach it through the index branch's input, and changes no
 import pytest
 import torch
 
-from .test_kl_accounting import BLOCK, DI, S, TOPK, tokens_batch
+from .test_kl_accounting import build, tokens_batch
 
 
 def grads(stop_grad: bool, kl_coeff: float, mode: str):
-    from msa_train.model import (
-        AttentionConfig,
-        ModelConfig,
-        build_model,
-        build_transformer_config,
-        set_kl_loss_scale,
-        set_msa_mode,
-    )
-    from msa_train.model.parity import fill_parameters
+    from msa_train.model import set_kl_loss_scale, set_msa_mode
 
-    model_cfg = ModelConfig(
-        name="sg", num_layers=3, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
-        num_query_groups=2, kv_channels=8, vocab_size=64, rotary_percent=0.5)
-    attn_cfg = AttentionConfig(block_size=BLOCK, topk=TOPK, index_dim=DI, dense_first_layers=1,
-                               kl_coeff=kl_coeff, index_stop_grad=stop_grad)
-    cfg = build_transformer_config(model_cfg, attn_cfg, {})
-    assert cfg.msa_index_stop_grad is stop_grad
-    model = build_model(cfg, vocab_size=64, max_seq_len=S)
-    fill_parameters(model, cfg, std=0.3)  # the same parameters on every build
-    model.train()
+    model = build(kl_coeff, moe=False, index_stop_grad=stop_grad)
+    assert model.config.msa_index_stop_grad is stop_grad
     set_msa_mode(model, mode)
     set_kl_loss_scale(1.0)
     tokens = tokens_batch()

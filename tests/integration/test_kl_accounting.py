@@ -19,7 +19,8 @@ S, B = 32, 2  # 4 blocks of 8 tokens per sequence
 BLOCK, TOPK, DI = 8, 2, 8
 
 
-def build(kl_coeff: float):
+def build(kl_coeff: float, moe: bool = True, **attention):
+    """A 3-layer model (layer 1 full attention, layers 2-3 MSA) with fixed parameters."""
     from msa_train.model import (
         AttentionConfig,
         ModelConfig,
@@ -28,12 +29,13 @@ def build(kl_coeff: float):
     )
     from msa_train.model.parity import fill_parameters
 
+    experts = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                   moe_first_k_dense=1) if moe else {}
     model_cfg = ModelConfig(
         name="acct", num_layers=3, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
-        num_query_groups=2, kv_channels=8, vocab_size=64, rotary_percent=0.5, num_moe_experts=4,
-        moe_router_topk=2, moe_ffn_hidden_size=32, moe_first_k_dense=1)
+        num_query_groups=2, kv_channels=8, vocab_size=64, rotary_percent=0.5, **experts)
     attn_cfg = AttentionConfig(block_size=BLOCK, topk=TOPK, index_dim=DI, dense_first_layers=1,
-                               kl_coeff=kl_coeff)
+                               kl_coeff=kl_coeff, **attention)
     cfg = build_transformer_config(model_cfg, attn_cfg, {})
     model = build_model(cfg, vocab_size=64, max_seq_len=S)
     fill_parameters(model, cfg, std=0.3)  # peaked attention: KL values O(0.1-1), not ~0
