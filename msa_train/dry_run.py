@@ -354,7 +354,7 @@ def dry_run(cfg, world_size: Optional[int] = None, stream: TextIO = sys.stdout,
 
     flops = {}
     try:
-        from msa_train.metrics.flops import FlopsPerToken
+        from msa_train.metrics.throughput import FlopsPerToken
 
         for stage in plan.job_stages:
             flops[stage.name] = FlopsPerToken.for_model(model_cfg, attn_cfg, seq, stage.mode)

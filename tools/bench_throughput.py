@@ -177,7 +177,7 @@ def measure(cfg, runtime, variant: str, warmup: int, steps: int,
     import torch
 
     from msa_train.data import padded_vocab_size
-    from msa_train.metrics.flops import FlopsPerToken
+    from msa_train.metrics.throughput import FlopsPerToken
     from msa_train.trainer.schedule import build_plan
     from msa_train.trainer.setup import build_stage
     from msa_train.trainer.step import train_step

@@ -26,7 +26,7 @@ Key names: msa_train.metrics.keys. Schema of configs/logging: msa_train.metrics.
 from msa_train.metrics import keys
 from msa_train.metrics.config import LoggingConfig, validate_logging_config
 from msa_train.metrics.console import console_line
-from msa_train.metrics.flops import FlopsPerToken, ThroughputMeter, max_allocated_gib
+from msa_train.metrics.throughput import FlopsPerToken, ThroughputMeter, max_allocated_gib
 from msa_train.metrics.jsonl import METRICS_FILENAME, JsonlWriter, read_metrics
 from msa_train.metrics.logger import MetricsLogger
 from msa_train.metrics.peaks import lookup_peak_tflops, resolve_peak_tflops

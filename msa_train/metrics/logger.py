@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional, TextIO
 from msa_train.metrics import keys
 from msa_train.metrics.config import validate_logging_config
 from msa_train.metrics.console import console_line
-from msa_train.metrics.flops import max_allocated_gib
+from msa_train.metrics.throughput import max_allocated_gib
 from msa_train.metrics.jsonl import METRICS_FILENAME, JsonlWriter
 
 

@@ -423,7 +423,7 @@ class Trainer:
         self._bad_loss = None
 
     def _throughput_meter(self, stage: StagePlan):
-        from msa_train.metrics.flops import FlopsPerToken, ThroughputMeter
+        from msa_train.metrics.throughput import FlopsPerToken, ThroughputMeter
         from msa_train.metrics.peaks import resolve_peak_tflops
 
         try:

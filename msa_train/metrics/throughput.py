@@ -1,4 +1,4 @@
-"""Training FLOPs per token -> TFLOP/s per GPU and MFU.
+"""Training throughput: FLOPs per token -> tokens/s, TFLOP/s per GPU and MFU; peak memory.
 
 The FLOP model itself (MoE on ACTIVE parameters, attention on the pairs actually computed, the
 docs/MSA.md attention formulas) belongs to the model package: ``msa_train.model.flops``. This module
