@@ -58,6 +58,10 @@ class MSATransformerConfig(TransformerConfig):
             raise ValueError(
                 f"msa_block_size (attention.block_size) must be >= 1, got {self.msa_block_size}"
             )
+        if self.calculate_per_token_loss:
+            # kl_loss_scale follows Megatron's per-micro-batch averaging only.
+            raise ValueError("calculate_per_token_loss is not supported: the indexer-KL gradient "
+                             "follows Megatron's per-micro-batch loss averaging")
         if self.msa_layer_map is None:
             self.msa_layer_map = [0] * self.num_layers
         if len(self.msa_layer_map) != self.num_layers:

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+import msa_kernels
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -239,8 +240,6 @@ class Trainer:
             checkpointing.load(resume_dir, objs.chunks, objs.optimizer, objs.scheduler,
                                saved.get("world_size"))
         self.progress.stage = stage.name
-        import msa_kernels
-
         kernels = msa_kernels.backend_for(torch.empty(0, device=self.runtime.device),
                                           str(self.cfg.attention.kernels))
         _print0(f"stage {stage.name}: attention={stage.mode} (msa kernels: {kernels}) "

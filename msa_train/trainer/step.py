@@ -119,9 +119,6 @@ def train_step(chunks, optimizer, scheduler, config, data_iterator, *, num_micro
     optimizer.zero_grad()
     grad_scale = 1.0 if config.grad_scale_func is None else float(
         config.grad_scale_func(torch.ones(1, device=device)).item())
-    if config.calculate_per_token_loss:
-        raise ValueError("calculate_per_token_loss is not supported: the indexer-KL gradient "
-                         "follows Megatron's per-micro-batch loss averaging")
     set_kl_loss_scale(kl_loss_scale(num_microbatches, cp_size, grad_scale))
     losses = _run_schedule(chunks, data_iterator, num_microbatches, seq_length, micro_batch_size,
                            device, cp_size, forward_only=False)

@@ -131,3 +131,11 @@ def test_flops_modes_and_moe_active_counting():
 def test_sparse_pairs_short_sequences_are_causal():
     assert sparse_pairs_per_token(64, 16, 4) == pytest.approx(65 / 2)
     assert sparse_pairs_per_token(1 << 20, 128, 16) == pytest.approx(2048, rel=1e-3)
+
+
+def test_per_token_loss_averaging_is_refused():
+    from msa_train.model import build_transformer_config
+
+    model_cfg, attn_cfg = ModelConfig(), AttentionConfig()
+    with pytest.raises(ValueError, match="calculate_per_token_loss"):
+        build_transformer_config(model_cfg, attn_cfg, {}, calculate_per_token_loss=True)
